@@ -1,0 +1,163 @@
+"""One typed, validated training config: defaults < YAML file (--config) < command line.
+
+The same name is used everywhere: ``batch_size`` in YAML and in the dataclass is
+``--batch-size`` on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import DistmnistError
+
+
+def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None, metavar: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    data_dir: str = _opt("data", "folder holding MNIST (the four IDX files, .gz or not, directly or under "
+                         "MNIST/raw/); downloaded there by torchvision if missing", metavar="DIR")
+    no_download: bool = _opt(False, "never download: fail with a clear error if the files are not in --data-dir")
+    limit_train: int | None = _opt(None, "use only the first N training images (quick runs)", metavar="N")
+    limit_test: int | None = _opt(None, "use only the first N test images (quick runs)", metavar="N")
+    data_path: str = _opt("auto", "how batches reach the model: 'resident' keeps the data set on the device "
+                          "and gathers batches there, 'loader' uses a DataLoader; auto = resident",
+                          choices=("auto", "resident", "loader"))
+    # recipe (the tutorial's)
+    epochs: int = _opt(10, "number of passes over the training set")
+    batch_size: int = _opt(100, "training images per process per step (global batch = this x world size)")
+    test_batch_size: int = _opt(1000, "test images per process per evaluation batch")
+    lr: float = _opt(0.01, "SGD learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    seed: int = _opt(1, "random seed (weights, shuffling, dropout)")
+    # hardware
+    mixed_precision: str = _opt("no", "autocast precision through Accelerate (fp16 needs a GPU)",
+                                choices=("no", "fp16", "bf16"))
+    cpu: bool = _opt(False, "train on the CPU even if a GPU is present")
+    cuda_graphs: str = _opt("auto", "capture the training step as a CUDA graph (auto = on for one CUDA process "
+                            "without fp16)", choices=("auto", "on", "off"))
+    # output
+    output_dir: str = _opt("runs/mnist", "where checkpoints, metrics.jsonl and model.safetensors go", metavar="DIR")
+    resume: str | None = _opt(None, "'auto' = newest checkpoint in --output-dir (fresh start if none), or a "
+                              "checkpoint folder", metavar="{auto,PATH}")
+    progress: str = _opt("auto", "console: rich bars, plain lines, or nothing (auto = rich on a terminal)",
+                         choices=("auto", "rich", "plain", "none"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check(cfg: TrainConfig) -> None:
+    """Reject impossible values at start-up, naming the flag."""
+    positive = ["epochs", "batch_size", "test_batch_size"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise DistmnistError(f"--{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("limit_train", "limit_test"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise DistmnistError(f"--{_flag(name)} must be >= 1, got {value}")
+    if not cfg.lr > 0:
+        raise DistmnistError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        raise DistmnistError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.seed < 0:
+        raise DistmnistError(f"--seed must be >= 0, got {cfg.seed}")
+    for name, f in FIELDS.items():
+        choices = f.metadata["choices"]
+        if choices and getattr(cfg, name) not in choices:
+            raise DistmnistError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Type-check one value from YAML against the dataclass field type."""
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise DistmnistError(f"{source}: '{name}' may not be empty")
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif kind.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind.startswith("str"):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise DistmnistError(f"{source}: '{name}' must be {kind.split(' |')[0]}, got {value!r}")
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise DistmnistError(f"--config: no such file: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DistmnistError(f"--config: {p} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise DistmnistError(f"--config: {p} must hold a mapping of option: value")
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise DistmnistError(f"--config: unknown key '{key}' in {p} (known: {', '.join(FIELDS)})")
+        out[name] = _coerce(name, value, f"--config {p}")
+    return out
+
+
+def build_parser(prog: str = "distmnist train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train the classic MNIST CNN on one CPU, one GPU or many (launch with accelerate launch "
+        "or torchrun for several processes).",
+        argument_default=argparse.SUPPRESS,  # only flags the user gave reach the namespace
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file of options (snake_case keys); flags win")
+    for name, f in FIELDS.items():
+        kwargs: dict[str, Any] = {"help": f.metadata["help"] + f" (default: {f.default})"}
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        if kind.startswith("bool"):
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+            if f.metadata["metavar"]:
+                kwargs["metavar"] = f.metadata["metavar"]
+        parser.add_argument(f"--{_flag(name)}", **kwargs)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, prog: str = "distmnist train") -> TrainConfig:
+    """Defaults, then the YAML file of --config, then the command line; validated."""
+    parser = build_parser(prog)
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    if "config" in args:
+        values.update(load_yaml(args.pop("config")))
+    values.update(args)
+    cfg = TrainConfig(**values)
+    _check(cfg)
+    return cfg

@@ -1,0 +1,204 @@
+"""MNIST files -> uint8 tensors -> sharded, shuffled batches.
+
+Files: the four IDX files, gzip-compressed or not, directly in the data folder or in torchvision's
+``MNIST/raw/`` layout. If they are missing, torchvision downloads them (checksummed) unless the
+caller forbids it. Every malformed file ends in a DistmnistError that names it.
+
+Batches: training batches follow a ``DistributedSampler`` (shuffled, seeded, ``set_epoch`` every
+epoch), so each rank sees a disjoint shard. Two paths give identical batches:
+``loader`` (a DataLoader over the host tensors) and ``resident`` (the whole split moved to the
+device once, batches gathered there by index). Evaluation shards are ``rank::world`` slices
+without padding, so every test image is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from .errors import DistmnistError
+
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the only type MNIST uses
+DOWNLOAD_TIMEOUT_S = 20  # per socket operation, so an offline machine fails fast
+
+
+@dataclass
+class Split:
+    """One MNIST split: images uint8 (n, 28, 28), labels int64 (n,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def head(self, n: int | None) -> "Split":
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+# ---------------------------------------------------------------- IDX files
+
+
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """Read one IDX file of unsigned bytes with exactly ``ndim`` dimensions, checking everything."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DistmnistError(f"{path}: cannot read ({err})") from None
+    if len(raw) < 4:
+        raise DistmnistError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
+    if raw[0] != 0 or raw[1] != 0:
+        raise DistmnistError(f"{path}: not an IDX file (wrong magic number 0x{raw[:4].hex()})")
+    if raw[2] != IDX_UBYTE:
+        raise DistmnistError(f"{path}: IDX type 0x{raw[2]:02x}, expected 0x08 (unsigned bytes)")
+    if raw[3] != ndim:
+        raise DistmnistError(f"{path}: IDX file has {raw[3]} dimensions, expected {ndim}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DistmnistError(f"{path}: truncated IDX header")
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(shape)
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise DistmnistError(
+            f"{path}: {what}: header says {' x '.join(map(str, shape))} = {expected - header} bytes of data, "
+            f"file holds {len(raw) - header}"
+        )
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).reshape(shape)
+
+
+def read_split(images_path: Path, labels_path: Path) -> Split:
+    images = read_idx(images_path, 3)
+    labels = read_idx(labels_path, 1)
+    if tuple(images.shape[1:]) != (28, 28):
+        raise DistmnistError(f"{images_path}: images are {images.shape[1]} x {images.shape[2]}, expected 28 x 28")
+    if images.shape[0] != labels.shape[0]:
+        raise DistmnistError(
+            f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels"
+        )
+    if images.shape[0] == 0:
+        raise DistmnistError(f"{images_path}: holds no images")
+    if labels.numel() and int(labels.max()) > 9:
+        raise DistmnistError(f"{labels_path}: label {int(labels.max())} outside 0-9")
+    return Split(images, labels.long())
+
+
+def find_file(data_dir: Path, name: str) -> Path | None:
+    for folder in (data_dir, data_dir / "MNIST" / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def missing_files(data_dir: Path) -> list[str]:
+    return [name for pair in FILES.values() for name in pair if find_file(data_dir, name) is None]
+
+
+def download(data_dir: Path) -> None:
+    """Fetch MNIST with torchvision (it verifies each file's MD5) into data_dir/MNIST/raw."""
+    from torchvision.datasets import MNIST
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        for train in (True, False):
+            MNIST(str(data_dir), train=train, download=True)
+    except Exception as err:  # torchvision raises RuntimeError/URLError/OSError: all mean "no data"
+        raise DistmnistError(
+            f"could not download MNIST ({err}). Put the four IDX files "
+            f"({', '.join(n for pair in FILES.values() for n in pair)}, .gz or not) in {data_dir} "
+            f"or {data_dir / 'MNIST' / 'raw'} and run again with --data-dir {data_dir}"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def load_mnist(data_dir: str | Path, allow_download: bool = True) -> tuple[Split, Split]:
+    """Return (train, test) from local IDX files, downloading them first only if they are missing."""
+    data_dir = Path(data_dir)
+    missing = missing_files(data_dir)
+    if missing and not allow_download:
+        raise DistmnistError(
+            f"MNIST not found: {', '.join(missing)} missing in {data_dir} (or {data_dir / 'MNIST' / 'raw'}); "
+            "--no-download forbids fetching it. Put the four IDX files (.gz or not) there, or drop --no-download"
+        )
+    if missing:
+        download(data_dir)
+    train, test = (read_split(*(find_file(data_dir, n) for n in FILES[s])) for s in ("train", "test"))
+    return train, test
+
+
+# ---------------------------------------------------------------- batches
+
+
+def train_sampler(n: int, world_size: int, rank: int, seed: int) -> DistributedSampler:
+    """The shard of each rank: shuffled by (seed, epoch), padded so every rank takes the same steps."""
+    return DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+
+
+class LoaderBatches:
+    """Training batches through a DataLoader over host tensors (uint8 images, int64 labels)."""
+
+    def __init__(self, split: Split, sampler: DistributedSampler, batch_size: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.loader = DataLoader(
+            TensorDataset(split.images, split.labels), batch_size=batch_size, sampler=sampler, pin_memory=pin
+        )
+        self.sampler, self.device = sampler, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+class ResidentBatches:
+    """Training batches gathered on the device from a resident copy of the split (moved there once)."""
+
+    def __init__(self, split: Split, sampler: DistributedSampler, batch_size: int, device: torch.device):
+        self.split = split.to(device)
+        self.sampler, self.batch_size, self.device = sampler, batch_size, device
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # one host->device copy of this epoch's indices, then pure device-side gathers
+        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.device, non_blocking=True)
+        for idx in order.split(self.batch_size):
+            yield self.split.images.index_select(0, idx), self.split.labels.index_select(0, idx)
+
+
+def train_batches(split: Split, sampler: DistributedSampler, batch_size: int, device: torch.device, resident: bool):
+    return (ResidentBatches if resident else LoaderBatches)(split, sampler, batch_size, device)
+
+
+def eval_shard(n: int, world_size: int, rank: int) -> torch.Tensor:
+    """Indices rank, rank + world, ...: disjoint across ranks, covering 0..n-1, no padding duplicates."""
+    return torch.arange(rank, n, world_size)
+
+
+def eval_batches(split: Split, world_size: int, rank: int, batch_size: int, device: torch.device):
+    """This rank's test images, each exactly once, in batches, on the device."""
+    shard = eval_shard(len(split), world_size, rank)
+    images, labels = split.images[shard].to(device), split.labels[shard].to(device)
+    return list(zip(images.split(batch_size), labels.split(batch_size)))

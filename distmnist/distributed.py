@@ -1,0 +1,63 @@
+"""The one place that knows about processes: build the Accelerator, check the launch, move RNG state.
+
+Accelerate owns devices and process groups. On a machine without CUDA the Accelerator is made
+with ``cpu=True`` so that ``torchrun --nproc_per_node N`` becomes real N-process data parallel over
+gloo instead of N processes that each believe they are alone.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+
+from .errors import DistmnistError
+
+
+def launched_world_size() -> int:
+    """The world size the launcher (torchrun, accelerate launch, SLURM via them) asked for."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(cpu: bool, mixed_precision: str, timeout_s: float | None = None):
+    from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
+
+    use_cpu = cpu or not torch.cuda.is_available()
+    if mixed_precision == "fp16" and use_cpu:
+        raise DistmnistError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16 or no")
+    handlers = [AutocastKwargs(cache_enabled=False)]  # the autocast cache must be off inside CUDA graphs
+    if timeout_s is not None:
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)))
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    if launched_world_size() > 1 and accelerator.num_processes == 1:
+        raise DistmnistError(
+            f"the launcher started WORLD_SIZE={launched_world_size()} processes but this one runs alone "
+            "(no process group); refusing to train independent copies. Launch with torchrun or accelerate launch "
+            "and a working backend"
+        )
+    return accelerator
+
+
+def gather_rng(accelerator) -> dict[str, torch.Tensor]:
+    """RNG state of every rank as (world, n) uint8 tensors, gathered to all ranks (every rank calls)."""
+    states = {"cpu": torch.get_rng_state()}
+    if accelerator.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(accelerator.device)
+    out = {}
+    for name, state in states.items():
+        gathered = accelerator.gather(state.to(accelerator.device).unsqueeze(0))
+        out[name] = gathered.cpu().contiguous()
+    return out
+
+
+def restore_rng(accelerator, rng: dict[str, torch.Tensor]) -> bool:
+    """Set this rank's RNG from a gathered state; False if the checkpoint came from another world size."""
+    if rng["cpu"].shape[0] != accelerator.num_processes:
+        return False
+    rank = accelerator.process_index
+    torch.set_rng_state(rng["cpu"][rank].clone())
+    if "cuda" in rng and accelerator.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"][rank].clone(), accelerator.device)
+    return True

@@ -1,0 +1,148 @@
+"""Train one epoch and evaluate: rank-agnostic, typed results, no host syncs inside the step.
+
+The training loss accumulates on the device; it reaches the host only when the console asks for
+it (at its refresh interval) and at the end of the epoch. On one CUDA process the whole step
+(forward, backward, optimizer step, loss accumulation) is captured once as a CUDA graph after a
+few real eager steps and replayed from then on; a short last batch runs eagerly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .model import to_input
+
+GRAPH_WARMUP_STEPS = 3  # real training steps run eagerly (on a side stream) before capture
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean training loss over every image of every rank
+    samples: int  # training images seen by all ranks together
+    steps: int  # optimizer steps per rank
+    seconds: float  # wall time of the training part, device work included
+    capture_seconds: float  # time spent capturing the CUDA graph (part of `seconds`), 0 if none
+
+
+@dataclass
+class EvalStats:
+    loss: float  # mean NLL over the test images counted
+    accuracy: float  # fraction correct
+    correct: int
+    samples: int  # test images counted, each exactly once across ranks
+
+
+class StepProgress(Protocol):
+    def update(self, step: int, running_loss: Callable[[], float]) -> None: ...
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Owns the step: receives a prepared model and optimizer from outside."""
+
+    def __init__(self, accelerator, model, optimizer, cuda_graphs: bool = False):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.device = accelerator.device
+        self.cuda_graphs = cuda_graphs
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss_sum = torch.zeros((), device=self.device)  # sum over images of the training loss
+        self.steps_done = 0  # optimizer steps since the start of training (this process)
+
+    # ------------------------------------------------------------ the step
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.nll_loss(self.model(to_input(images)), labels)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.loss_sum.add_(loss.detach() * labels.shape[0])
+
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Record one step with static buffers; nothing runs until the first replay."""
+        self.static_images, self.static_labels = images.clone(), labels.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated from the graph's pool
+        with torch.cuda.graph(self.graph):
+            self._step(self.static_images, self.static_labels)
+
+    def _graph_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One training step on the CUDA-graph path; returns seconds spent capturing (0 mostly)."""
+        if self.graph is not None and images.shape == self.static_images.shape:
+            self.static_images.copy_(images)
+            self.static_labels.copy_(labels)
+            self.graph.replay()
+            return 0.0
+        if self.graph is None and self.steps_done >= GRAPH_WARMUP_STEPS:
+            start = time.perf_counter()
+            self._capture(images, labels)
+            synchronize(self.device)
+            seconds = time.perf_counter() - start
+            self.static_images.copy_(images)
+            self.static_labels.copy_(labels)
+            self.graph.replay()
+            return seconds
+        if self.graph is None:
+            # warm-up steps are real steps, run on a side stream as capture requires
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step(images, labels)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return 0.0
+        self._step(images, labels)  # a short last batch: eager, same parameters and optimizer state
+        return 0.0
+
+    # ------------------------------------------------------------ epochs
+
+    def running_loss(self, samples: int) -> float:
+        """Mean loss of this process so far in the epoch. A host sync: call it rarely."""
+        return self.loss_sum.item() / max(samples, 1)
+
+    def train_epoch(self, batches: Iterable, progress: StepProgress | None = None) -> EpochStats:
+        self.model.train()
+        self.loss_sum.zero_()
+        samples = steps = 0
+        capture = 0.0
+        synchronize(self.device)
+        start = time.perf_counter()
+        for images, labels in batches:
+            if self.cuda_graphs:
+                capture += self._graph_step(images, labels)
+            else:
+                self._step(images, labels)
+            samples += labels.shape[0]
+            steps += 1
+            self.steps_done += 1
+            if progress is not None:
+                progress.update(steps, lambda n=samples: self.running_loss(n))
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        totals = torch.stack([self.loss_sum.double(), torch.tensor(float(samples), device=self.device).double()])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        global_loss, global_samples = totals.tolist()
+        return EpochStats(global_loss / max(global_samples, 1), int(global_samples), steps, seconds, capture)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable) -> EvalStats:
+        """Sum loss and hits over this rank's disjoint shard, then one all-reduce of the sums."""
+        model = self.accelerator.unwrap_model(self.model)  # plain forward: no DDP hooks at eval
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        for images, labels in batches:
+            with self.accelerator.autocast():
+                out = model(to_input(images)).float()
+            totals[0] += F.nll_loss(out, labels, reduction="sum")
+            totals[1] += (out.argmax(dim=1) == labels).sum()
+            totals[2] += labels.shape[0]
+        loss_sum, correct, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+        count = int(count)
+        return EvalStats(loss_sum / max(count, 1), correct / max(count, 1), int(correct), count)

@@ -1,0 +1,42 @@
+"""The tutorial's CNN, layer for layer; a pure nn.Module with no device or rank code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    """conv(5x5) -> maxpool -> relu, twice; spatial dropout; two linear layers; log-probabilities.
+
+    The attribute names are the keys of the saved weights (``conv1.weight`` ... ``fc2.bias``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.mp = nn.MaxPool2d(2)
+        self.drop2D = nn.Dropout2d(p=0.25)
+        self.fc1 = nn.Linear(320, 100)
+        self.fc2 = nn.Linear(100, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float images in [0, 1], shape (batch, 1, 28, 28); returns log-probabilities (batch, 10)."""
+        x = F.relu(self.mp(self.conv1(x)))
+        x = F.relu(self.mp(self.conv2(x)))
+        x = self.drop2D(x)
+        x = x.flatten(1)  # (batch, 320)
+        x = self.fc1(x)
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=1)
+
+
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (batch, 28, 28) -> float (batch, 1, 28, 28) in [0, 1], exactly as ToTensor scales."""
+    return images.unsqueeze(1).float().div_(255)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,208 @@
+"""Train the MNIST CNN.
+
+    python -m distmnist.train --data-dir ../shared/mnist
+    accelerate launch -m distmnist.train --data-dir ../shared/mnist
+    torchrun --nproc_per_node 2 -m distmnist.train --data-dir ../shared/mnist
+
+Wires the pieces, data flowing one way: command line -> config -> Accelerator -> data ->
+epoch loop (engine) -> checkpoint and console. Only the main process writes files or prints.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import optim
+
+from . import __version__
+from .checkpoint import (
+    Checkpoint,
+    checkpoint_dir,
+    load_checkpoint,
+    newest_valid,
+    prune,
+    save_weights,
+    unflatten_optimizer,
+    write_checkpoint,
+)
+from .config import TrainConfig, parse_config
+from .console import Console, resolve_mode
+from .data import Split, eval_batches, load_mnist, missing_files, train_batches, train_sampler, download
+from .distributed import gather_rng, make_accelerator, restore_rng
+from .engine import Engine
+from .errors import DistmnistError, cli
+from .model import Net, parameter_count
+
+RESIDENT_HEADROOM = 4  # keep the data set on the GPU only if 4x its size is free
+
+
+def load_data(cfg: TrainConfig, accelerator) -> tuple[Split, Split]:
+    """Read MNIST on every rank; if it must be downloaded, the main process does it first."""
+    data_dir = Path(cfg.data_dir)
+    if missing_files(data_dir):
+        if cfg.no_download:
+            load_mnist(data_dir, allow_download=False)  # raises, naming the missing files, on every rank
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                download(data_dir)
+    train, test = load_mnist(data_dir, allow_download=False)
+    return train.head(cfg.limit_train), test.head(cfg.limit_test)
+
+
+def choose_paths(cfg: TrainConfig, accelerator, train: Split) -> tuple[bool, bool, list[str]]:
+    """(resident data, CUDA graphs, notices) from the flags and what the hardware allows."""
+    notices = []
+    cuda = accelerator.device.type == "cuda"
+    resident = cfg.data_path != "loader"
+    if cfg.data_path == "auto" and cuda:
+        free, _ = torch.cuda.mem_get_info(accelerator.device)
+        if free < RESIDENT_HEADROOM * train.images.numel():
+            resident = False
+            notices.append("training set does not fit comfortably on the GPU: using the DataLoader path")
+    why_not = None
+    if not cuda:
+        why_not = "CUDA graphs need a CUDA device"
+    elif accelerator.num_processes > 1:
+        why_not = "CUDA graphs are used with one process only; several processes train eagerly"
+    elif cfg.mixed_precision == "fp16":
+        why_not = "fp16 (GradScaler) trains eagerly; use bf16 for CUDA graphs"
+    if cfg.cuda_graphs == "on" and why_not:
+        raise DistmnistError(f"--cuda-graphs on: {why_not}")
+    graphs = cfg.cuda_graphs != "off" and why_not is None
+    if cfg.cuda_graphs == "auto" and why_not and cuda:
+        notices.append(why_not)
+    return resident, graphs, notices
+
+
+def resume_from(cfg: TrainConfig, console: Console) -> Checkpoint | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        ckpt = newest_valid(cfg.output_dir, console.notice)
+        if ckpt is None:
+            console.notice(f"--resume auto: no valid checkpoint in {cfg.output_dir}, starting fresh")
+        return ckpt
+    if not Path(cfg.resume).exists():
+        raise DistmnistError(f"--resume: no such checkpoint folder: {cfg.resume}")
+    return load_checkpoint(cfg.resume)
+
+
+def versions(accelerator) -> dict[str, str]:
+    import accelerate
+
+    device = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "distmnist": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
+        "python": platform.python_version(), "device": device,
+    }
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
+    wall_start = time.perf_counter()
+    cfg = parse_config(argv)
+    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision)
+    is_main = accelerator.is_main_process
+    console = Console(resolve_mode(cfg.progress, is_main))
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+
+    train, test = load_data(cfg, accelerator)
+    resident, graphs, notices = choose_paths(cfg, accelerator, train)
+    ckpt = resume_from(cfg, console)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = Net()
+    optimizer = optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    torch.manual_seed(cfg.seed + rank)  # distinct dropout masks per rank
+    if ckpt is not None:
+        optimizer.load_state_dict(unflatten_optimizer(ckpt.optimizer, ckpt.state["optimizer_param_groups"]))
+        if not restore_rng(accelerator, ckpt.rng):
+            notices.append(f"checkpoint was written by {ckpt.rng['cpu'].shape[0]} processes, this run has {world}: "
+                           "random streams restart from the seed (weights and optimizer state are restored)")
+
+    sampler = train_sampler(len(train), world, rank, cfg.seed)
+    batches = train_batches(train, sampler, cfg.batch_size, device, resident)
+    test_batches = eval_batches(test, world, rank, cfg.test_batch_size, device)
+    engine = Engine(accelerator, model, optimizer, cuda_graphs=graphs)
+    start_epoch = ckpt.epoch if ckpt is not None else 0
+    history: list[dict] = list(ckpt.state["metrics"]) if ckpt is not None else []
+    global_step = int(ckpt.state["step"]) if ckpt is not None else 0
+    run_versions = versions(accelerator)
+
+    console.plan(
+        [
+            ("device", f"{world} x {run_versions['device']} ({device.type})"),
+            ("world size", str(world)),
+            ("precision", cfg.mixed_precision),
+            ("batch", f"{cfg.batch_size} per process, {cfg.batch_size * world} global"),
+            ("steps per epoch", str(len(batches))),
+            ("data", f"{len(train):,} train / {len(test):,} test images from {cfg.data_dir}"),
+            ("data path", "resident on device" if resident else "DataLoader"),
+            ("CUDA graphs", "on" if graphs else "off"),
+            ("epochs", f"{start_epoch + 1}..{cfg.epochs}" + (f" (resumed from {ckpt.path})" if ckpt else "")),
+            ("model", f"Net, {parameter_count(model):,} parameters"),
+            ("output", cfg.output_dir),
+        ],
+        repr(accelerator.unwrap_model(model)),
+    )
+    for notice in notices:
+        console.notice(notice)
+
+    output_dir = Path(cfg.output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        # metrics.jsonl always matches the checkpoint we continue from
+        (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        sampler.set_epoch(epoch)
+        with console.progress(epoch, cfg.epochs, len(batches), cfg.batch_size * world) as progress:
+            stats = engine.train_epoch(batches, progress)
+        result = engine.evaluate(test_batches)
+        global_step += stats.steps
+        record = {
+            "epoch": epoch,
+            "step": global_step,
+            "train_loss": stats.loss,
+            "train_samples": stats.samples,
+            "train_seconds": stats.seconds,
+            "train_samples_per_second": stats.samples / stats.seconds,
+            "capture_seconds": stats.capture_seconds,
+            "test_loss": result.loss,
+            "test_accuracy": result.accuracy,
+            "test_correct": result.correct,
+            "test_samples": result.samples,
+            "world_size": world,
+        }
+        history.append(record)
+        rng = gather_rng(accelerator)  # a collective: every rank
+        accelerator.wait_for_everyone()
+        if is_main:
+            state = {"epoch": epoch, "step": global_step, "world_size": world, "config": cfg.to_dict(),
+                     "metrics": history, "versions": run_versions}
+            write_checkpoint(checkpoint_dir(output_dir, epoch), accelerator.unwrap_model(model).state_dict(),
+                             optimizer.state_dict(), rng, state)
+            with open(output_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        accelerator.wait_for_everyone()
+        console.epoch_done(record, cfg.epochs)
+
+    if is_main:
+        save_weights(accelerator.unwrap_model(model).state_dict(), output_dir / "model.safetensors")
+    accelerator.wait_for_everyone()
+    console.summary(history, str(output_dir), time.perf_counter() - wall_start)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    main()
