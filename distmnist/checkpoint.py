@@ -73,7 +73,7 @@ def _fsync(path: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def expected_weights() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -47,6 +47,12 @@ class TrainConfig:
     output_dir: str = _opt("runs/mnist", "where checkpoints, metrics.jsonl and model.safetensors go", metavar="DIR")
     resume: str | None = _opt(None, "'auto' = newest checkpoint in --output-dir (fresh start if none), or a "
                               "checkpoint folder", metavar="{auto,PATH}")
+    keep_checkpoints: int = _opt(0, "keep only the newest K checkpoints, pruned after a new one is complete "
+                                 "(0 = keep all)", metavar="K")
+    dist_timeout: float = _opt(600.0, "seconds a collective may wait for another rank before the job fails "
+                               "(a hung or lost rank ends the run instead of blocking it)", metavar="SECONDS")
+    log_with: str | None = _opt(None, "also log metrics to an Accelerate tracker (tensorboard, wandb, mlflow, ...); "
+                                "the package must be installed", metavar="TRACKER")
     progress: str = _opt("auto", "console: rich bars, plain lines, or nothing (auto = rich on a terminal)",
                          choices=("auto", "rich", "plain", "none"))
 
@@ -71,6 +77,10 @@ def _check(cfg: TrainConfig) -> None:
         raise DistmnistError(f"--lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.momentum < 1:
         raise DistmnistError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.keep_checkpoints < 0:
+        raise DistmnistError(f"--keep-checkpoints must be >= 0, got {cfg.keep_checkpoints}")
+    if not cfg.dist_timeout > 0:
+        raise DistmnistError(f"--dist-timeout must be > 0, got {cfg.dist_timeout}")
     if cfg.seed < 0:
         raise DistmnistError(f"--seed must be >= 0, got {cfg.seed}")
     for name, f in FIELDS.items():

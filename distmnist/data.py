@@ -158,8 +158,11 @@ class LoaderBatches:
 
     def __init__(self, split: Split, sampler: DistributedSampler, batch_size: int, device: torch.device):
         pin = device.type == "cuda"
+        # its own generator: iterating must not draw from the global RNG that dropout uses, so both
+        # paths train bit-identically
         self.loader = DataLoader(
-            TensorDataset(split.images, split.labels), batch_size=batch_size, sampler=sampler, pin_memory=pin
+            TensorDataset(split.images, split.labels), batch_size=batch_size, sampler=sampler, pin_memory=pin,
+            generator=torch.Generator(),
         )
         self.sampler, self.device = sampler, device
 

@@ -7,10 +7,19 @@ import sys
 from typing import Callable
 
 EXIT_USAGE = 2  # bad input: flags, config, data files, checkpoints
+EXIT_FAILURE = 1  # the run itself failed (a rank hung or died)
 
 
 class DistmnistError(Exception):
     """An error the user can fix (bad flag, missing file, corrupt checkpoint): no traceback."""
+
+    exit_code = EXIT_USAGE
+
+
+class RunFailed(DistmnistError):
+    """The run broke while training (a collective timed out, a peer vanished): exit 1, no traceback."""
+
+    exit_code = EXIT_FAILURE
 
 
 def cli(main: Callable[..., int | None]) -> Callable[..., int]:
@@ -22,6 +31,6 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
             return main(*args, **kwargs) or 0
         except DistmnistError as err:
             print(f"distmnist: error: {err}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_USAGE) from None
+            raise SystemExit(err.exit_code) from None
 
     return run

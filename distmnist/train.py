@@ -14,7 +14,8 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 from torch import optim
@@ -35,7 +36,7 @@ from .console import Console, resolve_mode
 from .data import Split, eval_batches, load_mnist, missing_files, train_batches, train_sampler, download
 from .distributed import gather_rng, make_accelerator, restore_rng
 from .engine import Engine
-from .errors import DistmnistError, cli
+from .errors import DistmnistError, RunFailed, cli
 from .model import Net, parameter_count
 
 RESIDENT_HEADROOM = 4  # keep the data set on the GPU only if 4x its size is free
@@ -102,13 +103,29 @@ def versions(accelerator) -> dict[str, str]:
     }
 
 
-@cli
-def main(argv: Sequence[str] | None = None) -> int:
-    wall_start = time.perf_counter()
-    cfg = parse_config(argv)
-    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision)
-    is_main = accelerator.is_main_process
-    console = Console(resolve_mode(cfg.progress, is_main))
+@dataclass
+class Run:
+    """Everything one training run holds once set up; the epoch loop only reads and advances it."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    console: Console
+    model: Any
+    optimizer: Any
+    engine: Engine
+    sampler: Any
+    batches: Any
+    test_batches: list
+    output_dir: Path
+    versions: dict[str, str]
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout)
+    console = Console(resolve_mode(cfg.progress, accelerator.is_main_process))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
 
     train, test = load_data(cfg, accelerator)
@@ -129,25 +146,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "random streams restart from the seed (weights and optimizer state are restored)")
 
     sampler = train_sampler(len(train), world, rank, cfg.seed)
-    batches = train_batches(train, sampler, cfg.batch_size, device, resident)
-    test_batches = eval_batches(test, world, rank, cfg.test_batch_size, device)
-    engine = Engine(accelerator, model, optimizer, cuda_graphs=graphs)
-    start_epoch = ckpt.epoch if ckpt is not None else 0
-    history: list[dict] = list(ckpt.state["metrics"]) if ckpt is not None else []
-    global_step = int(ckpt.state["step"]) if ckpt is not None else 0
-    run_versions = versions(accelerator)
+    run = Run(
+        cfg=cfg, accelerator=accelerator, console=console, model=model, optimizer=optimizer,
+        engine=Engine(accelerator, model, optimizer, cuda_graphs=graphs),
+        sampler=sampler,
+        batches=train_batches(train, sampler, cfg.batch_size, device, resident),
+        test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device),
+        output_dir=Path(cfg.output_dir),
+        versions=versions(accelerator),
+    )
+    if ckpt is not None:
+        run.start_epoch, run.global_step, run.history = ckpt.epoch, int(ckpt.state["step"]), list(ckpt.state["metrics"])
 
     console.plan(
         [
-            ("device", f"{world} x {run_versions['device']} ({device.type})"),
+            ("device", f"{world} x {run.versions['device']} ({device.type})"),
             ("world size", str(world)),
             ("precision", cfg.mixed_precision),
             ("batch", f"{cfg.batch_size} per process, {cfg.batch_size * world} global"),
-            ("steps per epoch", str(len(batches))),
+            ("steps per epoch", str(len(run.batches))),
             ("data", f"{len(train):,} train / {len(test):,} test images from {cfg.data_dir}"),
             ("data path", "resident on device" if resident else "DataLoader"),
             ("CUDA graphs", "on" if graphs else "off"),
-            ("epochs", f"{start_epoch + 1}..{cfg.epochs}" + (f" (resumed from {ckpt.path})" if ckpt else "")),
+            ("epochs", f"{run.start_epoch + 1}..{cfg.epochs}" + (f" (resumed from {ckpt.path})" if ckpt else "")),
             ("model", f"Net, {parameter_count(model):,} parameters"),
             ("output", cfg.output_dir),
         ],
@@ -155,52 +176,90 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for notice in notices:
         console.notice(notice)
+    return run
 
-    output_dir = Path(cfg.output_dir)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        # metrics.jsonl always matches the checkpoint we continue from
-        (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        with console.progress(epoch, cfg.epochs, len(batches), cfg.batch_size * world) as progress:
-            stats = engine.train_epoch(batches, progress)
-        result = engine.evaluate(test_batches)
-        global_step += stats.steps
-        record = {
-            "epoch": epoch,
-            "step": global_step,
-            "train_loss": stats.loss,
-            "train_samples": stats.samples,
-            "train_seconds": stats.seconds,
-            "train_samples_per_second": stats.samples / stats.seconds,
-            "capture_seconds": stats.capture_seconds,
-            "test_loss": result.loss,
-            "test_accuracy": result.accuracy,
-            "test_correct": result.correct,
-            "test_samples": result.samples,
-            "world_size": world,
-        }
-        history.append(record)
-        rng = gather_rng(accelerator)  # a collective: every rank
-        accelerator.wait_for_everyone()
-        if is_main:
-            state = {"epoch": epoch, "step": global_step, "world_size": world, "config": cfg.to_dict(),
-                     "metrics": history, "versions": run_versions}
-            write_checkpoint(checkpoint_dir(output_dir, epoch), accelerator.unwrap_model(model).state_dict(),
-                             optimizer.state_dict(), rng, state)
-            with open(output_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-        accelerator.wait_for_everyone()
-        console.epoch_done(record, cfg.epochs)
+def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """Train, evaluate and return the epoch's metrics record (global numbers, same on every rank)."""
+    cfg, world = run.cfg, run.accelerator.num_processes
+    run.sampler.set_epoch(epoch)
+    with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world) as progress:
+        stats = run.engine.train_epoch(run.batches, progress)
+    result = run.engine.evaluate(run.test_batches)
+    run.global_step += stats.steps
+    return {
+        "epoch": epoch,
+        "step": run.global_step,
+        "train_loss": stats.loss,
+        "train_samples": stats.samples,
+        "train_seconds": stats.seconds,
+        "train_samples_per_second": stats.samples / stats.seconds,
+        "capture_seconds": stats.capture_seconds,
+        "test_loss": result.loss,
+        "test_accuracy": result.accuracy,
+        "test_correct": result.correct,
+        "test_samples": result.samples,
+        "world_size": world,
+    }
 
-    if is_main:
-        save_weights(accelerator.unwrap_model(model).state_dict(), output_dir / "model.safetensors")
+
+def save_epoch(run: Run, record: dict[str, Any]) -> None:
+    """Every rank gathers RNG state and meets at the barriers; only the main process writes."""
+    accelerator = run.accelerator
+    rng = gather_rng(accelerator)  # a collective: every rank
     accelerator.wait_for_everyone()
-    console.summary(history, str(output_dir), time.perf_counter() - wall_start)
-    accelerator.end_training()
+    if accelerator.is_main_process:
+        state = {"epoch": record["epoch"], "step": run.global_step, "world_size": accelerator.num_processes,
+                 "config": run.cfg.to_dict(), "metrics": run.history, "versions": run.versions}
+        write_checkpoint(checkpoint_dir(run.output_dir, record["epoch"]),
+                         accelerator.unwrap_model(run.model).state_dict(), run.optimizer.state_dict(), rng, state)
+        with open(run.output_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        prune(run.output_dir, run.cfg.keep_checkpoints)  # only once the new checkpoint is complete
+    accelerator.wait_for_everyone()
+
+
+def fit(run: Run) -> None:
+    cfg, accelerator = run.cfg, run.accelerator
+    if accelerator.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        (run.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        # metrics.jsonl always matches the checkpoint the run continues from
+        (run.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.history))
+    for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
+        record = train_one_epoch(run, epoch)
+        run.history.append(record)
+        save_epoch(run, record)
+        run.console.epoch_done(record, cfg.epochs)
+    if accelerator.is_main_process:
+        save_weights(accelerator.unwrap_model(run.model).state_dict(), run.output_dir / "model.safetensors")
+    accelerator.wait_for_everyone()
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A timed-out or broken collective (a peer hung or died), as gloo and NCCL report it."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err).lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
+    wall_start = time.perf_counter()
+    cfg = parse_config(argv)
+    run = setup(cfg)
+    try:
+        fit(run)
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if run.accelerator.num_processes > 1 and is_collective_failure(err):
+            raise RunFailed(
+                f"rank {run.accelerator.process_index}: a collective with the other ranks failed or did not finish "
+                f"within --dist-timeout {cfg.dist_timeout:g} s (a rank hung or died): {str(err).splitlines()[0]}"
+            ) from None
+        raise
+    run.console.summary(run.history, str(run.output_dir), time.perf_counter() - wall_start)
+    run.accelerator.end_training()
     return 0
 
 
