@@ -1,0 +1,92 @@
+"""Shared fixtures: small synthetic MNIST files, the real data set, and real multi-process launches."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST = ROOT.parent / "shared" / "mnist"
+BIN = Path(sys.executable).parent
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as an IDX file (magic 0x0000 0x08 ndim, big-endian dims, data)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_mnist(folder: Path, n_train: int = 600, n_test: int = 250, seed: int = 0, gz: bool = False) -> Path:
+    """Write the four MNIST IDX files with learnable synthetic digits: class k lights up band k."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 2 * k + 4 : 2 * k + 7, 4:24] = 255
+        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+            name = f"{prefix}-{kind}-ubyte"
+            data = idx_bytes(arr)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def mnist_dir(tmp_path: Path) -> Path:
+    """600 train / 250 test synthetic images as plain IDX files."""
+    return write_mnist(tmp_path / "mnist")
+
+
+@pytest.fixture
+def real_mnist() -> Path:
+    """The real MNIST beside the project; its absence fails under CI=true and skips elsewhere."""
+    if not (REAL_MNIST / "train-images-idx3-ubyte.gz").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"real MNIST expected at {REAL_MNIST} under CI=true")
+        pytest.skip(f"real MNIST not found at {REAL_MNIST}")
+    return REAL_MNIST
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, **extra)
+    return e
+
+
+def run_module(module: str, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """python -m distmnist.<module> args, in one process."""
+    return subprocess.run([sys.executable, "-m", f"distmnist.{module}", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env(), **kw)
+
+
+def torchrun(nproc: int, module: str, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """torchrun --nproc_per_node N -m distmnist.<module> args: real N-process gloo on the CPU."""
+    cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", f"distmnist.{module}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env(), **kw)
+
+
+def accelerate_launch(nproc: int, module: str, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """accelerate launch --multi_gpu --num_processes N on the CPU (ACCELERATE_USE_CPU=1)."""
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", f"--num_processes={nproc}", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}",
+           "-m", f"distmnist.{module}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env(ACCELERATE_USE_CPU="1"), **kw)
