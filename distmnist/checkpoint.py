@@ -98,6 +98,57 @@ def check_weights(weights: dict[str, torch.Tensor], source: Path) -> None:
             )
 
 
+def check_optimizer(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """SGD state of Net: only "state.<i>.momentum_buffer", each shaped and typed like parameter i."""
+    params = [(tuple(p.shape), p.dtype) for p in Net().parameters()]
+    for key, t in tensors.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or parts[2] != "momentum_buffer":
+            raise DistmnistError(f"{source}: unexpected tensor {key} (expected SGD state of Net)")
+        index = int(parts[1])
+        if index >= len(params):
+            raise DistmnistError(f"{source}: tensor {key} refers to parameter {index}, Net has {len(params)}")
+        shape, dtype = params[index]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise DistmnistError(f"{source}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+
+
+def check_rng(rng: dict[str, torch.Tensor], source: Path) -> None:
+    """One row of RNG state per rank: "cpu" (world, n) uint8 as torch.get_rng_state() gives, "cuda" optional."""
+    cpu = rng.get("cpu")
+    n = torch.get_rng_state().numel()
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.dim() != 2 or cpu.shape[0] < 1 or cpu.shape[1] != n:
+        got = "nothing" if cpu is None else f"{cpu.dtype} {tuple(cpu.shape)}"
+        raise DistmnistError(f"{source}: tensor cpu is {got}, expected torch.uint8 (world size, {n})")
+    for key, t in rng.items():
+        if key not in ("cpu", "cuda"):
+            raise DistmnistError(f"{source}: unexpected tensor {key} (expected cpu and cuda RNG states)")
+        if t.dtype != torch.uint8 or t.dim() != 2 or t.shape[0] != cpu.shape[0]:
+            raise DistmnistError(f"{source}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected torch.uint8 "
+                                 f"({cpu.shape[0]}, n)")
+
+
+def check_state(state: Any, source: Path) -> None:
+    """state.json must hold what resuming reads (epoch, step, metrics, optimizer param groups), well typed."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(state, dict):
+        raise DistmnistError(f"{source}: expected a JSON object")
+    if not (is_int(state.get("epoch")) and state["epoch"] >= 1 and is_int(state.get("step")) and state["step"] >= 0):
+        raise DistmnistError(f"{source}: 'epoch' (>= 1) and 'step' (>= 0) must be integers")
+    metrics = state.get("metrics")
+    if not isinstance(metrics, list) or not all(isinstance(r, dict) and is_int(r.get("epoch")) for r in metrics):
+        raise DistmnistError(f"{source}: 'metrics' must be a list of epoch records, each with its 'epoch'")
+    groups = state.get("optimizer_param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise DistmnistError(f"{source}: 'optimizer_param_groups' must be a list of groups with 'params'")
+    indices = [i for g in groups for i in g["params"]]
+    if not all(is_int(i) for i in indices) or sorted(indices) != list(range(len(list(Net().parameters())))):
+        raise DistmnistError(f"{source}: 'optimizer_param_groups' do not cover Net's parameters exactly once")
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file, refusing absurd headers; errors name the file."""
     try:
@@ -163,8 +214,8 @@ def write_checkpoint(
 ) -> Path:
     """Write a checkpoint folder crash-safely: temp folder, fsync, manifest last, atomic rename."""
     tmp = final.parent / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in final.parent.glob(".tmp-epoch-*"):  # left by a save that crashed; never loaded, now removed
+        shutil.rmtree(stale)
     tmp.mkdir(parents=True)
     opt_tensors, param_groups = flatten_optimizer(optimizer)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
@@ -213,6 +264,10 @@ def verify(path: Path) -> dict[str, Any]:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DistmnistError(f"{manifest_path}: missing or unreadable manifest ({err})") from None
+    if not isinstance(files, dict) or not all(
+        isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str) for m in files.values()
+    ):
+        raise DistmnistError(f"{manifest_path}: 'files' must map each file name to its bytes and sha256")
     present = {p.name for p in path.iterdir()}
     pickles = sorted(n for n in present if n.endswith(PICKLE_SUFFIXES))
     if pickles:
@@ -243,8 +298,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state = json.loads((path / STATE).read_text())
     except ValueError as err:
         raise DistmnistError(f"{path / STATE}: not valid JSON ({err})") from None
-    if state.get("format") != FORMAT:
-        raise DistmnistError(f"{path / STATE}: unknown checkpoint format {state.get('format')!r}, expected {FORMAT}")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise DistmnistError(f"{path / STATE}: unknown checkpoint format {found!r}, expected {FORMAT}")
+    check_state(state, path / STATE)
     ckpt = Checkpoint(
         path=path,
         model=read_tensors(path / "model.safetensors"),
@@ -253,6 +310,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state=state,
     )
     check_weights(ckpt.model, path / "model.safetensors")
+    check_optimizer(ckpt.optimizer, path / "optimizer.safetensors")
+    check_rng(ckpt.rng, path / "rng.safetensors")
     return ckpt
 
 

@@ -1,23 +1,50 @@
-"""The ``distmnist`` command: one subcommand per module (``distmnist train ...`` = ``python -m distmnist.train ...``)."""
+"""The ``distmnist`` command: one subcommand per module (``distmnist train ...`` = ``python -m distmnist.train ...``).
+
+    distmnist train --data-dir ../shared/mnist --epochs 3
+    distmnist evaluate --checkpoint runs/mnist/model.safetensors --mistakes mistakes.png
+    distmnist plot runs/mnist
+    distmnist predict --checkpoint runs/mnist/model.safetensors my-digit.png
+
+Each subcommand's module is imported only when it runs, so ``distmnist predict`` does not pay for
+what ``train`` imports. Several processes: ``accelerate launch -m distmnist.train`` or ``torchrun``.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
+from . import __version__
+
 COMMANDS = {
     "train": "train the CNN (same flags as python -m distmnist.train)",
-    "evaluate": "test loss and accuracy of saved weights",
+    "evaluate": "test loss, accuracy, per-class accuracy, confusion matrix, most confident mistakes",
+    "predict": "classify your own images of digits (PNG, JPEG, any size)",
+    "plot": "PNG plots of a run: loss, accuracy, images/s per epoch, first-layer kernels",
 }
+
+
+def usage() -> str:
+    lines = ["usage: distmnist {" + ",".join(COMMANDS) + "} [flags]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "distmnist COMMAND --help lists the command's flags with their defaults."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: distmnist {" + ",".join(COMMANDS) + "} [flags]\n")
-        for name, text in COMMANDS.items():
-            print(f"  {name:<10} {text}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] == "--version":
+        print(f"distmnist {__version__}")
+        return 0
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] not in COMMANDS:
+        print(f"{usage()}\n\ndistmnist: error: unknown command {argv[0]!r}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"distmnist.{argv[0]}")
     return module.main(argv[1:])
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 import gzip
 import math
 import socket
+import threading
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +34,7 @@ FILES = {
 }
 IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the only type MNIST uses
 DOWNLOAD_TIMEOUT_S = 20  # per socket operation, so an offline machine fails fast
+DOWNLOAD_STALL_S = 15  # give up once no byte has arrived for this long (DNS, connects and retries included)
 
 
 @dataclass
@@ -59,7 +63,7 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a corrupt deflate stream inside the .gz
         raise DistmnistError(f"{path}: cannot read ({err})") from None
     if len(raw) < 4:
         raise DistmnistError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
@@ -80,6 +84,8 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
             f"{path}: {what}: header says {' x '.join(map(str, shape))} = {expected - header} bytes of data, "
             f"file holds {len(raw) - header}"
         )
+    if expected == header:  # no items: frombuffer refuses an empty buffer, read_split names the problem
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).reshape(shape)
 
 
@@ -112,22 +118,52 @@ def missing_files(data_dir: Path) -> list[str]:
 
 
 def download(data_dir: Path) -> None:
-    """Fetch MNIST with torchvision (it verifies each file's MD5) into data_dir/MNIST/raw."""
+    """Fetch MNIST with torchvision (it verifies each file's MD5) into data_dir/MNIST/raw.
+
+    torchvision tries every mirror and every address of each with the socket timeout, so where packets
+    are silently dropped it could wait minutes. The fetch runs in a daemon thread instead, and gives up
+    as soon as no byte has arrived for DOWNLOAD_STALL_S seconds; a slow but live link is never cut.
+    """
     from torchvision.datasets import MNIST
+
+    raw = data_dir / "MNIST" / "raw"
+    failure: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            for train in (True, False):
+                MNIST(str(data_dir), train=train, download=True)
+        except Exception as err:  # torchvision raises RuntimeError/URLError/OSError: all mean "no data"
+            failure.append(err)
+
+    def received() -> int:
+        try:
+            return sum(f.stat().st_size for f in raw.iterdir())
+        except OSError:  # no folder yet, or a file renamed while we looked
+            return -1
 
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        for train in (True, False):
-            MNIST(str(data_dir), train=train, download=True)
-    except Exception as err:  # torchvision raises RuntimeError/URLError/OSError: all mean "no data"
-        raise DistmnistError(
-            f"could not download MNIST ({err}). Put the four IDX files "
-            f"({', '.join(n for pair in FILES.values() for n in pair)}, .gz or not) in {data_dir} "
-            f"or {data_dir / 'MNIST' / 'raw'} and run again with --data-dir {data_dir}"
-        ) from None
+        worker = threading.Thread(target=fetch, name="mnist-download", daemon=True)
+        worker.start()
+        size, changed = received(), time.monotonic()
+        while worker.is_alive():
+            worker.join(0.5)
+            now = received()
+            if now != size:
+                size, changed = now, time.monotonic()
+            elif time.monotonic() - changed > DOWNLOAD_STALL_S:
+                failure.append(TimeoutError(f"no data from any mirror for {DOWNLOAD_STALL_S} s"))
+                break
     finally:
         socket.setdefaulttimeout(previous)
+    if failure:
+        raise DistmnistError(
+            f"could not download MNIST ({failure[0]}). Put the four IDX files "
+            f"({', '.join(n for pair in FILES.values() for n in pair)}, .gz or not) in {data_dir} "
+            f"or {data_dir / 'MNIST' / 'raw'} and run again with --data-dir {data_dir}"
+        )
 
 
 def load_mnist(data_dir: str | Path, allow_download: bool = True) -> tuple[Split, Split]:
@@ -197,7 +233,7 @@ def train_batches(split: Split, sampler: DistributedSampler, batch_size: int, de
 
 def eval_shard(n: int, world_size: int, rank: int) -> torch.Tensor:
     """Indices rank, rank + world, ...: disjoint across ranks, covering 0..n-1, no padding duplicates."""
-    return torch.arange(rank, n, world_size)
+    return torch.arange(min(rank, n), n, world_size)  # a rank beyond a tiny test set gets an empty shard
 
 
 def eval_batches(split: Split, world_size: int, rank: int, batch_size: int, device: torch.device):

@@ -20,17 +20,42 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_accelerator(cpu: bool, mixed_precision: str, timeout_s: float | None = None):
+TRACKER_PACKAGES = {"comet_ml": "comet-ml"}  # pip names that differ from Accelerate's tracker names
+
+
+def check_tracker(name: str) -> None:
+    """--log-with must name a tracker whose package is installed: Accelerate would silently drop it."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if name == "all":
+        if not get_available_trackers():
+            raise DistmnistError("--log-with all: no tracker package is installed (pip install tensorboard, "
+                                 "wandb, ...)")
+    elif name in LoggerType.list():
+        if LoggerType(name) not in get_available_trackers():
+            package = TRACKER_PACKAGES.get(name, name)
+            raise DistmnistError(f"--log-with {name}: the {package} package is not installed; pip install {package}")
+    elif name not in LOGGER_TYPE_TO_CLASS:  # also accepts trackers registered with register_tracker_class
+        raise DistmnistError(f"--log-with: unknown tracker {name!r}; choose from {', '.join(LoggerType.list())}")
+
+
+def make_accelerator(cpu: bool, mixed_precision: str, timeout_s: float | None = None, log_with: str | None = None,
+                     project_dir: str | None = None):
+    """project_dir: where file-based trackers (tensorboard, ...) write, under project_dir/distmnist."""
     from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
 
+    if log_with is not None:
+        check_tracker(log_with)
     use_cpu = cpu or not torch.cuda.is_available()
     if mixed_precision == "fp16" and use_cpu:
         raise DistmnistError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16 or no")
     handlers = [AutocastKwargs(cache_enabled=False)]  # the autocast cache must be off inside CUDA graphs
     if timeout_s is not None:
         handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)))
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers,
+                              log_with=log_with, project_dir=project_dir)
     if launched_world_size() > 1 and accelerator.num_processes == 1:
         raise DistmnistError(
             f"the launcher started WORLD_SIZE={launched_world_size()} processes but this one runs alone "

@@ -35,10 +35,36 @@ class EvalStats:
     accuracy: float  # fraction correct
     correct: int
     samples: int  # test images counted, each exactly once across ranks
+    log_probs: torch.Tensor | None = None  # this rank's outputs (its shard, in order) if asked for
 
 
 class StepProgress(Protocol):
     def update(self, step: int, running_loss: Callable[[], float]) -> None: ...
+
+
+def make_sgd(model: torch.nn.Module, lr: float, momentum: float, device: torch.device) -> torch.optim.SGD:
+    """The tutorial's SGD. On CUDA the fused kernel: one launch per step instead of one per tensor op."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, fused=device.type == "cuda" or None)
+
+
+def tune_for_cuda(model: torch.nn.Module) -> torch.nn.Module:
+    """GPU settings that pay for this small network (measured, see README "Speed").
+
+    channels_last: cuDNN's convolution kernels are NHWC-native, so no layout transposes around them
+    and cheaper bias-gradient reductions; TF32 matrix products, as convolutions already use by default;
+    cuDNN autotuning, worth it because every step has the same shapes.
+    """
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return model.to(memory_format=torch.channels_last)
+
+
+def match_param_layout(optimizer) -> None:
+    """Give loaded optimizer state the memory layout of its parameter (fused kernels assume it)."""
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                state[name] = torch.empty_like(param).copy_(value)
 
 
 def synchronize(device: torch.device) -> None:
@@ -64,7 +90,7 @@ class Engine:
         loss = F.nll_loss(self.model(to_input(images)), labels)
         self.accelerator.backward(loss)
         self.optimizer.step()
-        self.loss_sum.add_(loss.detach() * labels.shape[0])
+        self.loss_sum.add_(loss.detach(), alpha=labels.shape[0])  # one kernel, no host sync
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Record one step with static buffers; nothing runs until the first replay."""
@@ -132,17 +158,21 @@ class Engine:
         return EpochStats(global_loss / max(global_samples, 1), int(global_samples), steps, seconds, capture)
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable) -> EvalStats:
+    def evaluate(self, batches: Iterable, keep_outputs: bool = False) -> EvalStats:
         """Sum loss and hits over this rank's disjoint shard, then one all-reduce of the sums."""
         model = self.accelerator.unwrap_model(self.model)  # plain forward: no DDP hooks at eval
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        kept = []
         for images, labels in batches:
             with self.accelerator.autocast():
                 out = model(to_input(images)).float()
+            if keep_outputs:
+                kept.append(out)
             totals[0] += F.nll_loss(out, labels, reduction="sum")
             totals[1] += (out.argmax(dim=1) == labels).sum()
             totals[2] += labels.shape[0]
         loss_sum, correct, count = self.accelerator.reduce(totals, reduction="sum").tolist()
         count = int(count)
-        return EvalStats(loss_sum / max(count, 1), correct / max(count, 1), int(correct), count)
+        outputs = torch.cat(kept) if kept else None
+        return EvalStats(loss_sum / max(count, 1), correct / max(count, 1), int(correct), count, outputs)

@@ -2,6 +2,10 @@
 
     python -m distmnist.evaluate --checkpoint runs/mnist/model.safetensors --data-dir ../shared/mnist
     torchrun --nproc_per_node 2 -m distmnist.evaluate --checkpoint runs/mnist/checkpoints/epoch-0010
+    distmnist evaluate --checkpoint runs/mnist/model.safetensors --mistakes mistakes.png
+
+Besides loss and accuracy it reports per-class accuracy and the confusion matrix (each rank counts
+its own shard, one reduce sums them) and, with --mistakes, a grid of the most confident mistakes.
 """
 
 from __future__ import annotations
@@ -11,14 +15,19 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import torch
+from rich.console import Console as RichConsole
+
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .console import Console, resolve_mode
-from .data import eval_batches
+from .data import eval_batches, eval_shard
 from .distributed import make_accelerator
 from .engine import Engine
 from .errors import DistmnistError, cli
 from .model import Net
+from .plot import mistakes_figure, require_matplotlib, save
+from .report import confusion_matrix, confusion_table, local_mistakes, per_class_accuracy, per_class_table, top_mistakes
 from .train import load_data
 
 
@@ -26,7 +35,7 @@ def build_parser(prog: str = "distmnist evaluate") -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog=prog, description="Test loss and accuracy of saved weights on MNIST's test set.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a model.safetensors file or a checkpoint folder (verified against its manifest)")
+                   help="a model.safetensors file or a checkpoint folder (verified against its manifest) (required)")
     p.add_argument("--data-dir", default=defaults.data_dir, metavar="DIR", help="MNIST folder (default: %(default)s)")
     p.add_argument("--no-download", action="store_true", help="never download MNIST (default: False)")
     p.add_argument("--output-json", metavar="FILE", help="also write the results as JSON (default: none)")
@@ -38,7 +47,20 @@ def build_parser(prog: str = "distmnist evaluate") -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is present (default: False)")
     p.add_argument("--progress", choices=("auto", "rich", "plain", "none"), default="auto",
                    help="console output (default: %(default)s)")
+    p.add_argument("--mistakes", metavar="FILE.png",
+                   help="save a grid of the most confident mistakes with true and predicted digits (needs "
+                   'matplotlib: pip install "distmnist[plot]") (default: none)')
+    p.add_argument("--mistakes-count", type=int, default=25, metavar="N",
+                   help="how many mistakes the grid shows (default: %(default)s)")
     return p
+
+
+def show(console: Console, table) -> None:
+    """A rich table on the terminal; the same table as plain text where there is none."""
+    if console.rich is not None:
+        console.rich.print(table)
+    elif console.enabled:
+        RichConsole(highlight=False, width=100).print(table)
 
 
 @cli
@@ -48,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DistmnistError(f"--test-batch-size must be >= 1, got {args.test_batch_size}")
     if args.limit_test is not None and args.limit_test < 1:
         raise DistmnistError(f"--limit-test must be >= 1, got {args.limit_test}")
+    if args.mistakes_count < 1:
+        raise DistmnistError(f"--mistakes-count must be >= 1, got {args.mistakes_count}")
+    if args.mistakes:
+        require_matplotlib()  # fail before any work, on every rank
     weights = load_weights(args.checkpoint)  # every rank verifies; bad files fail before any collective
     accelerator = make_accelerator(args.cpu, args.mixed_precision)
     console = Console(resolve_mode(args.progress, accelerator.is_main_process))
@@ -60,11 +86,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = Engine(accelerator, model, optimizer=None)
     batches = eval_batches(test, accelerator.num_processes, accelerator.process_index, args.test_batch_size,
                            accelerator.device)
-    result = engine.evaluate(batches)
+    result = engine.evaluate(batches, keep_outputs=True)
+
+    # this rank's shard, counted here; one reduce sums the counts (each image counted once)
+    shard = eval_shard(len(test), accelerator.num_processes, accelerator.process_index)
+    labels = test.labels[shard].to(accelerator.device)
+    log_probs = result.log_probs if result.log_probs is not None else torch.zeros(0, 10, device=accelerator.device)
+    confusion = accelerator.reduce(confusion_matrix(labels, log_probs.argmax(dim=1)), reduction="sum").cpu()
+    if args.mistakes:  # every rank offers its k most confident; k x 4 numbers per rank, no images
+        mistakes = top_mistakes(accelerator.gather(local_mistakes(log_probs, labels, shard, args.mistakes_count)),
+                                args.mistakes_count)
     console.print(
         f"{args.checkpoint}: test loss {result.loss:.4f}, test accuracy {100 * result.accuracy:.2f}% "
         f"({result.correct}/{result.samples}) on {accelerator.num_processes} process(es)"
     )
+    show(console, per_class_table(confusion))
+    show(console, confusion_table(confusion))
+    if accelerator.is_main_process and args.mistakes:
+        save(mistakes_figure(test.images[[m.index for m in mistakes]], mistakes), Path(args.mistakes))
+        console.print(f"wrote {args.mistakes} ({len(mistakes)} mistakes)")
     if accelerator.is_main_process and args.output_json:
         Path(args.output_json).write_text(json.dumps({
             "checkpoint": str(args.checkpoint),
@@ -73,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "test_correct": result.correct,
             "test_samples": result.samples,
             "world_size": accelerator.num_processes,
+            "per_class_accuracy": per_class_accuracy(confusion),  # index = digit; null if no images
+            "confusion_matrix": confusion.tolist(),  # [true digit][predicted digit]
+            **({"mistakes": [vars(m) for m in mistakes]} if args.mistakes else {}),
         }, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return 0

@@ -11,6 +11,7 @@ epoch loop (engine) -> checkpoint and console. Only the main process writes file
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from torch import optim
 
 from . import __version__
 from .checkpoint import (
@@ -35,7 +35,7 @@ from .config import TrainConfig, parse_config
 from .console import Console, resolve_mode
 from .data import Split, eval_batches, load_mnist, missing_files, train_batches, train_sampler, download
 from .distributed import gather_rng, make_accelerator, restore_rng
-from .engine import Engine
+from .engine import Engine, make_sgd, match_param_layout, tune_for_cuda
 from .errors import DistmnistError, RunFailed, cli
 from .model import Net, parameter_count
 
@@ -121,10 +121,12 @@ class Run:
     start_epoch: int = 0
     global_step: int = 0
     history: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)  # when main() began, for run.json
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, summed over epochs
 
 
 def setup(cfg: TrainConfig) -> Run:
-    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout)
+    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout, cfg.log_with, cfg.output_dir)
     console = Console(resolve_mode(cfg.progress, accelerator.is_main_process))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
 
@@ -134,13 +136,19 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = Net()
-    optimizer = optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    if device.type == "cuda":
+        model = tune_for_cuda(model)
+    optimizer = make_sgd(model, cfg.lr, cfg.momentum, device)
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(cfg.seed + rank)  # distinct dropout masks per rank
     if ckpt is not None:
-        optimizer.load_state_dict(unflatten_optimizer(ckpt.optimizer, ckpt.state["optimizer_param_groups"]))
+        state = unflatten_optimizer(ckpt.optimizer, ckpt.state["optimizer_param_groups"])
+        for group in state["param_groups"]:  # the kernel choice belongs to this device, not the checkpoint's
+            group.update(fused=optimizer.param_groups[0]["fused"], foreach=optimizer.param_groups[0]["foreach"])
+        optimizer.load_state_dict(state)
+        match_param_layout(optimizer)
         if not restore_rng(accelerator, ckpt.rng):
             notices.append(f"checkpoint was written by {ckpt.rng['cpu'].shape[0]} processes, this run has {world}: "
                            "random streams restart from the seed (weights and optimizer state are restored)")
@@ -185,7 +193,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     run.sampler.set_epoch(epoch)
     with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world) as progress:
         stats = run.engine.train_epoch(run.batches, progress)
-    result = run.engine.evaluate(run.test_batches)
+    eval_start = time.perf_counter()
+    result = run.engine.evaluate(run.test_batches)  # ends in a host read: the time is complete
+    eval_seconds = time.perf_counter() - eval_start
     run.global_step += stats.steps
     return {
         "epoch": epoch,
@@ -195,6 +205,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
         "train_seconds": stats.seconds,
         "train_samples_per_second": stats.samples / stats.seconds,
         "capture_seconds": stats.capture_seconds,
+        "eval_seconds": eval_seconds,
         "test_loss": result.loss,
         "test_accuracy": result.accuracy,
         "test_correct": result.correct,
@@ -206,6 +217,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
 def save_epoch(run: Run, record: dict[str, Any]) -> None:
     """Every rank gathers RNG state and meets at the barriers; only the main process writes."""
     accelerator = run.accelerator
+    start = time.perf_counter()
     rng = gather_rng(accelerator)  # a collective: every rank
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -217,6 +229,7 @@ def save_epoch(run: Run, record: dict[str, Any]) -> None:
             fh.write(json.dumps(record) + "\n")
         prune(run.output_dir, run.cfg.keep_checkpoints)  # only once the new checkpoint is complete
     accelerator.wait_for_everyone()
+    run.timings["checkpoint"] = run.timings.get("checkpoint", 0.0) + time.perf_counter() - start
 
 
 def fit(run: Run) -> None:
@@ -226,14 +239,50 @@ def fit(run: Run) -> None:
         (run.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         # metrics.jsonl always matches the checkpoint the run continues from
         (run.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.history))
+    run.timings["setup"] = time.perf_counter() - run.started
+    accelerator.init_trackers("distmnist", config=cfg.to_dict())  # main process only; no-op without --log-with
     for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
         record = train_one_epoch(run, epoch)
         run.history.append(record)
         save_epoch(run, record)
+        accelerator.log(record, step=epoch)
         run.console.epoch_done(record, cfg.epochs)
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(run.model).state_dict(), run.output_dir / "model.safetensors")
+        write_run_summary(run)
     accelerator.wait_for_everyone()
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process was started (interpreter and imports included); Linux only."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_run_summary(run: Run) -> None:
+    """OUTPUT_DIR/run.json: what ran where, and where the wall time of this invocation went."""
+    new = [r for r in run.history if r["epoch"] > run.start_epoch]
+    summary = {
+        "versions": run.versions,
+        "world_size": run.accelerator.num_processes,
+        "config": run.cfg.to_dict(),
+        "epochs_run": len(new),
+        "final": run.history[-1] if run.history else None,
+        "seconds": {
+            "process": seconds_since_process_start(),  # interpreter start -> now, imports included
+            "main": time.perf_counter() - run.started,  # main() -> now
+            "setup": run.timings.get("setup", 0.0),  # config, Accelerator, data, model, resume
+            "train": sum(r["train_seconds"] for r in new),
+            "capture": sum(r["capture_seconds"] for r in new),
+            "eval": sum(r["eval_seconds"] for r in new),
+            "checkpoint": run.timings.get("checkpoint", 0.0),
+        },
+    }
+    (run.output_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def is_collective_failure(err: BaseException) -> bool:
@@ -248,17 +297,19 @@ def is_collective_failure(err: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     wall_start = time.perf_counter()
     cfg = parse_config(argv)
-    run = setup(cfg)
     try:
+        run = setup(cfg)  # inside: a peer can already die in the collectives of set-up (DDP's broadcast)
+        run.started = wall_start
         fit(run)
     except (RuntimeError, torch.distributed.DistError) as err:
-        if run.accelerator.num_processes > 1 and is_collective_failure(err):
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(err):
             raise RunFailed(
-                f"rank {run.accelerator.process_index}: a collective with the other ranks failed or did not finish "
+                f"rank {dist.get_rank()}: a collective with the other ranks failed or did not finish "
                 f"within --dist-timeout {cfg.dist_timeout:g} s (a rank hung or died): {str(err).splitlines()[0]}"
             ) from None
         raise
-    run.console.summary(run.history, str(run.output_dir), time.perf_counter() - wall_start)
+    run.console.summary(run.history, str(run.output_dir), time.perf_counter() - run.started)
     run.accelerator.end_training()
     return 0
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_MNIST = ROOT.parent / "shared" / "mnist"
+REAL_MNIST = Path(os.environ.get("DISTMNIST_TEST_MNIST", ROOT.parent / "shared" / "mnist"))  # env: GPU host copy
 BIN = Path(sys.executable).parent
 
 

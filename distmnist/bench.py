@@ -1,0 +1,230 @@
+"""Benchmark: the tutorial's pipeline against distmnist's fast path, same recipe, same device, one run.
+
+    python -m distmnist.bench --data-dir ../shared/mnist --output-json bench.json
+
+Rows (seconds per training epoch of the full training set, batch 100, SGD 0.01/0.9):
+  tutorial         torchvision MNIST + ToTensor through a DataLoader (0 workers, shuffle), as written
+  resident-eager   distmnist: data set resident on the device, batches by index, eager step
+  resident-graph   the same with the step captured once as a CUDA graph (CUDA only)
+Warm-up (the first epoch) and graph capture are reported on their own, never folded into the
+steady-state figure, which is the median of the later epochs. Then the end-to-end wall time of a
+full default run (``python -m distmnist.train``, 10 epochs, start-up to exit) and, with
+``--launch-run``, the same under ``accelerate launch --num_processes 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import optim
+
+from .data import FILES, find_file, load_mnist, train_batches, train_sampler, eval_batches
+from .distributed import make_accelerator
+from .engine import Engine, make_sgd, synchronize, tune_for_cuda
+from .errors import DistmnistError, cli
+from .model import Net
+
+
+@dataclass
+class Row:
+    name: str
+    epoch_seconds: list[float]  # every timed epoch, the first one included
+    capture_seconds: float = 0.0  # CUDA graph capture, inside the first epoch
+    setup_seconds: float = 0.0  # building the data pipeline (decode, copy to device)
+    test_accuracy: float | None = None
+    notes: str = ""
+    steady_seconds: float = field(init=False)  # median epoch after the first (warm-up)
+    images_per_second: float = field(init=False)
+
+    def finish(self, images: int) -> "Row":
+        later = self.epoch_seconds[1:] or self.epoch_seconds
+        self.steady_seconds = statistics.median(later)
+        self.images_per_second = images / self.steady_seconds
+        return self
+
+
+def torchvision_root(data_dir: Path, scratch: Path) -> Path:
+    """A folder torchvision's MNIST class accepts (MNIST/raw with uncompressed files)."""
+    raw = scratch / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in (n for pair in FILES.values() for n in pair):
+        src = find_file(data_dir, name)
+        if src is None:
+            raise DistmnistError(f"--data-dir {data_dir}: {name} not found")
+        opener = gzip.open if src.suffix == ".gz" else open
+        with opener(src, "rb") as fin, open(raw / name, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    return scratch
+
+
+def tutorial(root: Path, device: torch.device, epochs: int, seed: int) -> Row:
+    """The tutorial's code path, modernised only where old APIs no longer exist (Variable, .data[0])."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    train = datasets.MNIST(root=str(root), train=True, transform=transforms.ToTensor(), download=False)
+    test = datasets.MNIST(root=str(root), train=False, transform=transforms.ToTensor(), download=False)
+    train_loader = DataLoader(dataset=train, batch_size=100, shuffle=True)
+    test_loader = DataLoader(dataset=test, batch_size=1000)
+    net = Net().to(device)
+    optimizer = optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    setup = time.perf_counter() - start
+    seconds = []
+    for _ in range(epochs):
+        synchronize(device)
+        t0 = time.perf_counter()
+        net.train()
+        for data, target in train_loader:
+            data, target = data.to(device), target.to(device)
+            optimizer.zero_grad()
+            loss = F.nll_loss(net(data), target)
+            loss.backward()
+            optimizer.step()
+        synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for data, target in test_loader:
+            correct += (net(data.to(device)).argmax(1) == target.to(device)).sum().item()
+    return Row("tutorial", seconds, setup_seconds=setup, test_accuracy=correct / len(test))
+
+
+def fast(name: str, accelerator, data_dir: Path, epochs: int, seed: int, graphs: bool) -> Row:
+    """distmnist's own pieces, exactly as train.py wires them, on one process."""
+    start = time.perf_counter()
+    train, test = load_mnist(data_dir, allow_download=False)
+    device = accelerator.device
+    torch.manual_seed(seed)
+    model = Net()
+    if device.type == "cuda":
+        model = tune_for_cuda(model)
+    optimizer = make_sgd(model, 0.01, 0.9, device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sampler = train_sampler(len(train), 1, 0, seed)
+    batches = train_batches(train, sampler, 100, device, resident=True)
+    engine = Engine(accelerator, model, optimizer, cuda_graphs=graphs)
+    synchronize(device)
+    setup = time.perf_counter() - start
+    seconds, capture = [], 0.0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        stats = engine.train_epoch(batches)
+        seconds.append(stats.seconds)
+        capture += stats.capture_seconds
+    result = engine.evaluate(eval_batches(test, 1, 0, 1000, device))
+    return Row(name, seconds, capture_seconds=capture, setup_seconds=setup, test_accuracy=result.accuracy)
+
+
+def full_run(data_dir: Path, launcher: str, cpu: bool) -> dict:
+    """Wall time of a complete default training run in a fresh process, start-up to exit."""
+    out = Path(tempfile.mkdtemp(prefix="distmnist-bench-"))
+    args = ["--data-dir", str(data_dir), "--output-dir", str(out), "--progress", "none", *(["--cpu"] if cpu else [])]
+    if launcher == "python":
+        cmd = [sys.executable, "-m", "distmnist.train", *args]
+    else:
+        accelerate = Path(sys.executable).parent / "accelerate"
+        cmd = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "distmnist.train", *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise DistmnistError(f"full run with {launcher} failed:\n{proc.stderr[-2000:]}")
+    summary = json.loads((out / "run.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    seconds = summary["seconds"]
+    process = seconds["process"]
+    return {
+        "launcher": launcher,
+        "wall_seconds": wall,
+        "epochs": summary["epochs_run"],
+        "test_accuracy": summary["final"]["test_accuracy"],
+        # where the wall time went: the launcher and process exit, the interpreter and imports of the
+        # training process before main(), then main()'s own phases
+        "launcher_and_exit_seconds": None if process is None else wall - process,
+        "interpreter_and_imports_seconds": None if process is None else process - seconds["main"],
+        "phases": seconds,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default="data", metavar="DIR", help="local MNIST IDX files (default: %(default)s)")
+    p.add_argument("--tutorial-epochs", type=int, default=3, help="epochs of the tutorial pipeline (default: %(default)s)")
+    p.add_argument("--fast-epochs", type=int, default=5, help="epochs of each distmnist row (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
+    p.add_argument("--cpu", action="store_true", help="benchmark the CPU even if a GPU is present (default: False)")
+    p.add_argument("--no-full-run", action="store_true", help="skip the end-to-end default run (default: False)")
+    p.add_argument("--launch-run", action="store_true",
+                   help="also time the full run under accelerate launch --num_processes 1 (default: False)")
+    p.add_argument("--output-json", metavar="FILE", help="write the results as JSON (default: none)")
+    return p
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    data_dir = Path(args.data_dir)
+    accelerator = make_accelerator(args.cpu, "no")
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"distmnist bench on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = torchvision_root(data_dir, Path(scratch))
+        rows.append(tutorial(root, device, args.tutorial_epochs, args.seed))
+    rows.append(fast("resident-eager", accelerator, data_dir, args.fast_epochs, args.seed, graphs=False))
+    if device.type == "cuda":
+        rows.append(fast("resident-graph", accelerator, data_dir, args.fast_epochs, args.seed, graphs=True))
+    images = len(load_mnist(data_dir, allow_download=False)[0])
+    for row in rows:
+        row.finish(images)
+
+    base = rows[0].steady_seconds
+    print(f"\n{'pipeline':<16} {'steady s/epoch':>14} {'images/s':>10} {'x tutorial':>10} {'first epoch s':>13} "
+          f"{'capture s':>9} {'setup s':>8} {'accuracy':>8}")
+    for r in rows:
+        acc = f"{100 * r.test_accuracy:.2f}%" if r.test_accuracy is not None else "-"
+        print(f"{r.name:<16} {r.steady_seconds:>14.3f} {r.images_per_second:>10,.0f} {base / r.steady_seconds:>10.2f} "
+              f"{r.epoch_seconds[0]:>13.3f} {r.capture_seconds:>9.3f} {r.setup_seconds:>8.2f} {acc:>8}")
+
+    runs = []
+    if not args.no_full_run:
+        launchers = ["python"] + (["accelerate"] if args.launch_run else [])
+        for launcher in launchers:
+            runs.append(full_run(data_dir, launcher, args.cpu))
+            r = runs[-1]
+            ph = r["phases"]
+            print(f"full default run ({launcher}): {r['wall_seconds']:.1f} s wall, {r['epochs']} epochs, "
+                  f"test accuracy {100 * r['test_accuracy']:.2f}%; launcher and exit "
+                  f"{r['launcher_and_exit_seconds'] or 0:.1f} s, interpreter and imports "
+                  f"{r['interpreter_and_imports_seconds'] or 0:.1f} s, setup {ph['setup']:.2f} s, train {ph['train']:.2f} s "
+                  f"(capture {ph['capture']:.2f}), eval {ph['eval']:.2f} s, checkpoints {ph['checkpoint']:.2f} s")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({
+            "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "rows": [asdict(r) for r in rows], "full_runs": runs,
+        }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""GPU checks (skipped without CUDA): CUDA-graph training matches eager training.
+
+Run on a GPU host with the real data set:
+    DISTMNIST_TEST_MNIST=/path/to/mnist pytest tests/test_cuda.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def per_step_losses(data_dir, graphs: bool, steps: int = 12) -> list[float]:
+    from distmnist.data import load_mnist, train_batches, train_sampler
+    from distmnist.distributed import make_accelerator
+    from distmnist.engine import Engine, make_sgd, tune_for_cuda
+    from distmnist.model import Net
+
+    accelerator = make_accelerator(False, "no")
+    train, _ = load_mnist(data_dir, allow_download=False)
+    torch.manual_seed(1)
+    model = tune_for_cuda(Net())
+    torch.backends.cudnn.benchmark = False  # the same convolution algorithms in both runs
+    optimizer = make_sgd(model, 0.01, 0.9, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    torch.manual_seed(1)
+    sampler = train_sampler(len(train), 1, 0, seed=1)
+    sampler.set_epoch(1)
+    batches = list(train_batches(train, sampler, 100, accelerator.device, resident=True))[:steps]
+    cumulative = []
+
+    class Record:
+        def update(self, step, running_loss):
+            cumulative.append(running_loss() * step * 100)
+
+    Engine(accelerator, model, optimizer, cuda_graphs=graphs).train_epoch(batches, Record())
+    return [b - a for a, b in zip([0.0] + cumulative, cumulative)]
+
+
+def test_first_steps_losses_match_eager(real_mnist):
+    eager = per_step_losses(real_mnist, graphs=False)
+    graphed = per_step_losses(real_mnist, graphs=True)
+    print("eager  ", [f"{x:.6f}" for x in eager])
+    print("graphed", [f"{x:.6f}" for x in graphed])
+    assert graphed == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+def train(real_mnist, tmp_path, name, *flags) -> list[dict]:
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "distmnist.train", "--data-dir", str(real_mnist), "--output-dir", str(out),
+           "--progress", "plain", *flags]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ten_epochs_graph_matches_eager_accuracy(real_mnist, tmp_path):
+    eager = train(real_mnist, tmp_path, "eager", "--cuda-graphs", "off")
+    graphed = train(real_mnist, tmp_path, "graph", "--cuda-graphs", "on")
+    assert len(eager) == len(graphed) == 10
+    assert graphed[0]["capture_seconds"] > 0 and eager[0]["capture_seconds"] == 0
+    a, b = eager[-1]["test_accuracy"], graphed[-1]["test_accuracy"]
+    print(f"eager {100 * a:.2f}%  graph {100 * b:.2f}%")
+    assert a >= 0.985 and b >= 0.985
+    assert abs(a - b) <= 0.0015
+
+
+def test_bf16_graph_and_fp16_eager(real_mnist, tmp_path):
+    bf16 = train(real_mnist, tmp_path, "bf16", "--mixed-precision", "bf16", "--epochs", "1")
+    assert bf16[0]["capture_seconds"] > 0 and bf16[0]["test_accuracy"] >= 0.95
+    fp16 = train(real_mnist, tmp_path, "fp16", "--mixed-precision", "fp16", "--epochs", "1")
+    assert fp16[0]["capture_seconds"] == 0 and fp16[0]["test_accuracy"] >= 0.95
+
+
+def test_loader_path_on_gpu(real_mnist, tmp_path):
+    rows = train(real_mnist, tmp_path, "loader", "--data-path", "loader", "--epochs", "1", "--cuda-graphs", "off")
+    assert rows[0]["test_samples"] == 10000 and rows[0]["test_accuracy"] >= 0.95

@@ -1,0 +1,257 @@
+"""The train and evaluate commands, one process: a real short run and every bad input of issue 2, item 14."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import idx_bytes, run_module, write_mnist
+from distmnist.checkpoint import write_checkpoint
+from distmnist.data import load_mnist
+from distmnist.model import Net, to_input
+
+# 600 train / 250 test synthetic images; lr 0.02 and batch 50 leave the accuracy after 2 epochs between
+# chance and 100%, so a miscounted test set shows up in the numbers
+RECIPE = ["--epochs", "2", "--lr", "0.02", "--batch-size", "50", "--no-download", "--progress", "plain"]
+METRIC_FIELDS = {"epoch", "train_loss", "test_loss", "test_accuracy", "test_samples", "train_seconds",
+                 "train_samples_per_second", "world_size"}
+CHECKPOINT_FILES = ["manifest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+
+
+def train(data: Path, out: Path, *extra: str):
+    return run_module("train", "--data-dir", data, "--output-dir", out, *RECIPE, *extra)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def assert_usage_error(proc, *needles: str) -> None:
+    """Exit 2, one clean line on stderr naming what is wrong, no traceback."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not in stderr:\n{proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> SimpleNamespace:
+    """One real 2-epoch run (resident data path, the default); several tests read its outputs."""
+    root = tmp_path_factory.mktemp("train")
+    data = write_mnist(root / "mnist", n_train=600, n_test=250)
+    out = root / "out"
+    proc = train(data, out)
+    assert_ok(proc)
+    return SimpleNamespace(data=data, out=out, proc=proc, metrics=read_metrics(out))
+
+
+# ---------------------------------------------------------------- a normal run
+
+
+def test_metrics_hold_global_numbers_for_every_epoch(run):
+    metrics = run.metrics
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert METRIC_FIELDS <= set(m)
+        assert m["world_size"] == 1
+        assert m["test_samples"] == 250 and m["train_samples"] == 600
+        assert 0 <= m["test_accuracy"] <= 1
+        assert m["test_accuracy"] == m["test_correct"] / 250
+        assert m["train_seconds"] > 0
+        assert m["train_samples_per_second"] == pytest.approx(600 / m["train_seconds"])
+        assert m["test_loss"] > 0 and m["train_loss"] > 0
+    assert [m["step"] for m in metrics] == [12, 24]  # 600 / 50 steps per epoch
+    # it learns: the synthetic digits are easy, chance is 10%
+    assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
+    assert metrics[1]["test_loss"] < metrics[0]["test_loss"]
+    assert metrics[1]["test_accuracy"] > max(0.5, metrics[0]["test_accuracy"])
+
+
+def test_console_shows_plan_and_result_without_errors(run):
+    assert "Traceback" not in run.proc.stderr
+    assert "38,390" in run.proc.stdout  # the model with its parameter count
+    assert f"{100 * run.metrics[-1]['test_accuracy']:.2f}%" in run.proc.stdout
+
+
+def test_output_dir_holds_only_safetensors_and_json(run):
+    files = sorted(str(p.relative_to(run.out)) for p in run.out.rglob("*") if p.is_file())
+    assert files == ["checkpoints/epoch-0001/" + f for f in CHECKPOINT_FILES] + \
+        ["checkpoints/epoch-0002/" + f for f in CHECKPOINT_FILES] + \
+        ["config.json", "metrics.jsonl", "model.safetensors"]
+    assert not [p for p in run.out.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")]
+    assert not [p for p in run.out.rglob(".tmp-*")]  # no temporary leftovers
+
+
+def test_checkpoint_state_describes_the_run(run):
+    config = json.loads((run.out / "config.json").read_text())
+    assert (config["epochs"], config["lr"], config["batch_size"], config["momentum"]) == (2, 0.02, 50, 0.9)
+    state = json.loads((run.out / "checkpoints" / "epoch-0002" / "state.json").read_text())
+    assert (state["epoch"], state["step"], state["world_size"]) == (2, 24, 1)
+    assert state["config"] == config
+    assert state["metrics"] == run.metrics  # metrics so far, this epoch's included
+    rng = load_file(str(run.out / "checkpoints" / "epoch-0002" / "rng.safetensors"))
+    assert rng["cpu"].shape[0] == 1 and rng["cpu"].dtype == torch.uint8  # one row per rank
+
+
+def test_final_weights_load_into_a_plain_net_and_match_the_metrics(run):
+    weights = load_file(str(run.out / "model.safetensors"))
+    last = load_file(str(run.out / "checkpoints" / "epoch-0002" / "model.safetensors"))
+    assert set(weights) == set(last) and all(torch.equal(weights[k], last[k]) for k in weights)
+    net = Net()
+    net.load_state_dict(weights, strict=True)
+    # recompute the last epoch's test numbers here, with no distmnist code but the network
+    _, test = load_mnist(run.data, allow_download=False)
+    with torch.no_grad():
+        out = net.eval()(to_input(test.images))
+    correct = int((out.argmax(1) == test.labels).sum())
+    assert correct == run.metrics[-1]["test_correct"]
+    assert F.nll_loss(out, test.labels).item() == pytest.approx(run.metrics[-1]["test_loss"], rel=1e-5)
+
+
+def test_evaluate_command_reproduces_the_last_epoch(run, tmp_path):
+    report = tmp_path / "eval.json"
+    proc = run_module("evaluate", "--checkpoint", run.out / "model.safetensors", "--data-dir", run.data,
+                      "--no-download", "--progress", "plain", "--output-json", report)
+    assert_ok(proc)
+    result = json.loads(report.read_text())
+    last = run.metrics[-1]
+    assert result["test_samples"] == 250
+    assert result["test_accuracy"] == last["test_accuracy"]
+    assert result["test_correct"] == last["test_correct"]
+    assert result["test_loss"] == pytest.approx(last["test_loss"], rel=1e-6)
+
+
+def test_loader_path_trains_bit_identically_to_resident(run, tmp_path):
+    """--data-path loader vs the default resident path: same batches, same dropout, same weights."""
+    proc = train(run.data, tmp_path / "loader", "--data-path", "loader")
+    assert_ok(proc)
+    assert "DataLoader" in proc.stdout
+    resident, loader = load_file(str(run.out / "model.safetensors")), load_file(str(tmp_path / "loader" / "model.safetensors"))
+    for key in resident:
+        assert torch.equal(resident[key], loader[key]), key
+    for a, b in zip(run.metrics, read_metrics(tmp_path / "loader")):
+        assert (a["train_loss"], a["test_loss"], a["test_correct"]) == (b["train_loss"], b["test_loss"], b["test_correct"])
+
+
+def test_resume_from_a_checkpoint_path_is_bit_identical(run, tmp_path):
+    """Epoch 1's checkpoint + one more epoch = the uninterrupted 2-epoch run, to the bit."""
+    out = tmp_path / "resumed"
+    proc = train(run.data, out, "--resume", run.out / "checkpoints" / "epoch-0001")
+    assert_ok(proc)
+    resumed, full = load_file(str(out / "model.safetensors")), load_file(str(run.out / "model.safetensors"))
+    for key in full:
+        assert torch.equal(resumed[key], full[key]), key
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2]  # epoch 1's record comes with the checkpoint
+    assert metrics[1]["train_loss"] == run.metrics[1]["train_loss"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0002"]  # epoch 1 was not retrained
+
+
+# ---------------------------------------------------------------- bad input: exit 2, the file or flag named
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    return write_mnist(tmp_path / "mnist", n_train=100, n_test=50)
+
+
+def test_missing_data_with_no_download_names_the_folder(tmp_path):
+    nowhere = tmp_path / "no-mnist-here"
+    proc = run_module("train", "--data-dir", nowhere, "--output-dir", tmp_path / "out", "--no-download")
+    assert_usage_error(proc, "distmnist: error:", str(nowhere), "--no-download", "train-images-idx3-ubyte")
+    assert not (tmp_path / "out").exists()
+
+
+def corrupt_magic(data: Path) -> Path:
+    path = data / "train-images-idx3-ubyte"
+    raw = bytearray(path.read_bytes())
+    raw[0:2] = b"\x1f\x9d"
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def truncate(data: Path) -> Path:
+    path = data / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    return path
+
+
+def mismatch(data: Path) -> Path:
+    path = data / "t10k-labels-idx1-ubyte"
+    path.write_bytes(idx_bytes(np.zeros(49, np.uint8)))  # 50 images, 49 labels
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [(corrupt_magic, "wrong magic number"), (truncate, "truncated"), (mismatch, "holds 49 labels")],
+    ids=["bad-magic", "truncated", "count-mismatch"],
+)
+def test_bad_idx_file_names_the_file(small_data, tmp_path, damage, message):
+    path = damage(small_data)
+    proc = train(small_data, tmp_path / "out")
+    assert_usage_error(proc, "distmnist: error:", str(path), message)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "0"], "distmnist: error: --epochs must be >= 1, got 0"),
+        (["--momentum", "1.5"], "distmnist: error: --momentum must be in [0, 1), got 1.5"),
+        (["--mixed-precision", "fp8"], "--mixed-precision: invalid choice: 'fp8'"),  # argparse's own message
+        (["--mixed-precision", "fp16", "--cpu"], "distmnist: error: --mixed-precision fp16 needs a CUDA GPU"),
+    ],
+    ids=["epochs-0", "momentum-1.5", "bad-choice", "fp16-on-cpu"],
+)
+def test_impossible_flag_names_the_flag(small_data, tmp_path, flags, message):
+    proc = run_module("train", "--data-dir", small_data, "--output-dir", tmp_path / "out", "--no-download", *flags)
+    assert_usage_error(proc, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_yaml_key_names_the_key(small_data, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("epochs: 1\nbatchsize: 10\n")
+    proc = run_module("train", "--config", config, "--data-dir", small_data, "--no-download")
+    assert_usage_error(proc, "distmnist: error:", "unknown key 'batchsize'", str(config))
+
+
+def test_resume_path_that_does_not_exist(small_data, tmp_path):
+    missing = tmp_path / "runs" / "checkpoints" / "epoch-0007"
+    proc = train(small_data, tmp_path / "out", "--resume", missing)
+    assert_usage_error(proc, "distmnist: error: --resume", str(missing))
+
+
+def foreign_checkpoint(folder: Path) -> Path:
+    """A well-formed checkpoint of a network whose fc1 has 50 units instead of 100."""
+    model = torch.nn.ModuleDict({"conv1": torch.nn.Conv2d(1, 10, 5), "conv2": torch.nn.Conv2d(10, 20, 5),
+                                 "fc1": torch.nn.Linear(320, 50), "fc2": torch.nn.Linear(50, 10)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    state = {"epoch": 1, "step": 2, "world_size": 1, "config": {}, "metrics": []}
+    return write_checkpoint(folder, model.state_dict(), optimizer.state_dict(),
+                            {"cpu": torch.get_rng_state().unsqueeze(0)}, state)
+
+
+def test_resume_from_another_architecture_names_the_file(small_data, tmp_path):
+    ckpt = foreign_checkpoint(tmp_path / "foreign" / "checkpoints" / "epoch-0001")
+    proc = train(small_data, tmp_path / "out", "--resume", ckpt)
+    assert_usage_error(proc, "distmnist: error:", str(ckpt / "model.safetensors"), "fc1.weight")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_evaluate_refuses_another_architecture(small_data, tmp_path):
+    ckpt = foreign_checkpoint(tmp_path / "foreign")
+    proc = run_module("evaluate", "--checkpoint", ckpt / "model.safetensors", "--data-dir", small_data, "--no-download")
+    assert_usage_error(proc, "distmnist: error:", str(ckpt / "model.safetensors"), "another architecture")
