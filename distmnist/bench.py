@@ -33,7 +33,7 @@ from torch import optim
 
 from .data import FILES, find_file, load_mnist, train_batches, train_sampler, eval_batches
 from .distributed import make_accelerator
-from .engine import Engine, make_sgd, synchronize, tune_for_cuda
+from .engine import Engine, make_sgd, synchronize, tune_for_device
 from .errors import DistmnistError, cli
 from .model import Net
 
@@ -112,8 +112,7 @@ def fast(name: str, accelerator, data_dir: Path, epochs: int, seed: int, graphs:
     device = accelerator.device
     torch.manual_seed(seed)
     model = Net()
-    if device.type == "cuda":
-        model = tune_for_cuda(model)
+    model = tune_for_device(model, device)
     optimizer = make_sgd(model, 0.01, 0.9, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     sampler = train_sampler(len(train), 1, 0, seed)
@@ -135,13 +134,15 @@ def full_run(data_dir: Path, launcher: str, cpu: bool) -> dict:
     """Wall time of a complete default training run in a fresh process, start-up to exit."""
     out = Path(tempfile.mkdtemp(prefix="distmnist-bench-"))
     args = ["--data-dir", str(data_dir), "--output-dir", str(out), "--progress", "none", *(["--cpu"] if cpu else [])]
+    launch_flags = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if launcher == "python":
         cmd = [sys.executable, "-m", "distmnist.train", *args]
-    else:
+    elif launcher == "accelerate":  # the `accelerate` command: its CLI loads every subcommand first
         accelerate = Path(sys.executable).parent / "accelerate"
-        cmd = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--num_processes", "1",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        cmd = [str(accelerate) if accelerate.exists() else "accelerate", "launch", *launch_flags,
                "-m", "distmnist.train", *args]
+    else:  # the same launcher module without the CLI around it
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "-m", "distmnist.train", *args]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="benchmark the CPU even if a GPU is present (default: False)")
     p.add_argument("--no-full-run", action="store_true", help="skip the end-to-end default run (default: False)")
     p.add_argument("--launch-run", action="store_true",
-                   help="also time the full run under accelerate launch --num_processes 1 (default: False)")
+                   help="also time the full run under `accelerate launch --num_processes 1` and under "
+                   "`python -m accelerate.commands.launch` (default: False)")
     p.add_argument("--output-json", metavar="FILE", help="write the results as JSON (default: none)")
     return p
 
@@ -208,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs = []
     if not args.no_full_run:
-        launchers = ["python"] + (["accelerate"] if args.launch_run else [])
+        launchers = ["python"] + (["accelerate", "accelerate-module"] if args.launch_run else [])
         for launcher in launchers:
             runs.append(full_run(data_dir, launcher, args.cpu))
             r = runs[-1]
@@ -216,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"full default run ({launcher}): {r['wall_seconds']:.1f} s wall, {r['epochs']} epochs, "
                   f"test accuracy {100 * r['test_accuracy']:.2f}%; launcher and exit "
                   f"{r['launcher_and_exit_seconds'] or 0:.1f} s, interpreter and imports "
-                  f"{r['interpreter_and_imports_seconds'] or 0:.1f} s, setup {ph['setup']:.2f} s, train {ph['train']:.2f} s "
+                  f"{r['interpreter_and_imports_seconds'] or 0:.1f} s, setup {ph['setup']:.2f} s ("
+                  + ", ".join(f"{k[6:]} {v:.2f}" for k, v in ph.items() if k.startswith("setup_"))
+                  + f"), train {ph['train']:.2f} s "
                   f"(capture {ph['capture']:.2f}), eval {ph['eval']:.2f} s, checkpoints {ph['checkpoint']:.2f} s")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({

@@ -144,7 +144,7 @@ def build_parser(prog: str = "distmnist train") -> argparse.ArgumentParser:
         "or torchrun for several processes).",
         argument_default=argparse.SUPPRESS,  # only flags the user gave reach the namespace
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML file of options (snake_case keys); flags win")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of options (snake_case keys); flags win (default: none)")
     for name, f in FIELDS.items():
         kwargs: dict[str, Any] = {"help": f.metadata["help"] + f" (default: {f.default})"}
         kind = f.type if isinstance(f.type, str) else str(f.type)

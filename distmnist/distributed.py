@@ -54,8 +54,17 @@ def make_accelerator(cpu: bool, mixed_precision: str, timeout_s: float | None = 
     handlers = [AutocastKwargs(cache_enabled=False)]  # the autocast cache must be off inside CUDA graphs
     if timeout_s is not None:
         handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)))
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers,
-                              log_with=log_with, project_dir=project_dir)
+    try:
+        accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers,
+                                  log_with=log_with, project_dir=project_dir)
+    except (ValueError, torch.distributed.DistError) as err:
+        if launched_world_size() == 1:
+            raise
+        # WORLD_SIZE > 1 but no launcher-made rendezvous (MASTER_ADDR unset, or the peers never came)
+        raise DistmnistError(
+            f"WORLD_SIZE={launched_world_size()} but the process group could not be formed "
+            f"({str(err).splitlines()[0]}); launch with torchrun or accelerate launch, which start every rank"
+        ) from None
     if launched_world_size() > 1 and accelerator.num_processes == 1:
         raise DistmnistError(
             f"the launcher started WORLD_SIZE={launched_world_size()} processes but this one runs alone "
@@ -63,6 +72,13 @@ def make_accelerator(cpu: bool, mixed_precision: str, timeout_s: float | None = 
             "and a working backend"
         )
     return accelerator
+
+
+def shutdown(accelerator) -> None:
+    """Meet, then tear the process group down while the interpreter is fully alive (gloo's worker
+    threads can abort the process if it is left to interpreter exit)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def gather_rng(accelerator) -> dict[str, torch.Tensor]:

@@ -43,19 +43,22 @@ class StepProgress(Protocol):
 
 
 def make_sgd(model: torch.nn.Module, lr: float, momentum: float, device: torch.device) -> torch.optim.SGD:
-    """The tutorial's SGD. On CUDA the fused kernel: one launch per step instead of one per tensor op."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, fused=device.type == "cuda" or None)
+    """The tutorial's SGD with the fused kernel: one launch per step on CUDA instead of one per tensor
+    op, and on the CPU about 0.2 s less per epoch than the per-parameter loop."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, fused=True)
 
 
-def tune_for_cuda(model: torch.nn.Module) -> torch.nn.Module:
-    """GPU settings that pay for this small network (measured, see README "Speed").
+def tune_for_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Settings that pay for this small network (measured; see README "Speed").
 
-    channels_last: cuDNN's convolution kernels are NHWC-native, so no layout transposes around them
-    and cheaper bias-gradient reductions; TF32 matrix products, as convolutions already use by default;
-    cuDNN autotuning, worth it because every step has the same shapes.
+    channels_last everywhere: cuDNN's and oneDNN's convolution and max-pool kernels are NHWC-native
+    (on a 2-core CPU an epoch takes about 25% less). On CUDA also TF32 matrix products, as
+    convolutions already use by default, and cuDNN autotuning, worth it because every step has the
+    same shapes.
     """
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
     return model.to(memory_format=torch.channels_last)
 
 
@@ -79,6 +82,11 @@ class Engine:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.device = accelerator.device
         self.cuda_graphs = cuda_graphs
+        # Accelerate's optimizer wrapper looks up an optional package with importlib on every step()
+        # and inspects zero_grad's signature on every zero_grad() (about 0.1 ms a step on a CPU).
+        # Without a GradScaler it only forwards both calls, so the step calls the wrapped optimizer.
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self._opt = inner if getattr(optimizer, "scaler", None) is None else optimizer
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss_sum = torch.zeros((), device=self.device)  # sum over images of the training loss
         self.steps_done = 0  # optimizer steps since the start of training (this process)
@@ -86,10 +94,10 @@ class Engine:
     # ------------------------------------------------------------ the step
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self._opt.zero_grad(set_to_none=True)
         loss = F.nll_loss(self.model(to_input(images)), labels)
         self.accelerator.backward(loss)
-        self.optimizer.step()
+        self._opt.step()
         self.loss_sum.add_(loss.detach(), alpha=labels.shape[0])  # one kernel, no host sync
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:

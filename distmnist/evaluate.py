@@ -22,7 +22,7 @@ from .checkpoint import load_weights
 from .config import TrainConfig
 from .console import Console, resolve_mode
 from .data import eval_batches, eval_shard
-from .distributed import make_accelerator
+from .distributed import make_accelerator, shutdown
 from .engine import Engine
 from .errors import DistmnistError, cli
 from .model import Net
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "confusion_matrix": confusion.tolist(),  # [true digit][predicted digit]
             **({"mistakes": [vars(m) for m in mistakes]} if args.mistakes else {}),
         }, indent=2) + "\n")
-    accelerator.wait_for_everyone()
+    shutdown(accelerator)
     return 0
 
 

@@ -34,8 +34,8 @@ from .checkpoint import (
 from .config import TrainConfig, parse_config
 from .console import Console, resolve_mode
 from .data import Split, eval_batches, load_mnist, missing_files, train_batches, train_sampler, download
-from .distributed import gather_rng, make_accelerator, restore_rng
-from .engine import Engine, make_sgd, match_param_layout, tune_for_cuda
+from .distributed import gather_rng, make_accelerator, restore_rng, shutdown
+from .engine import Engine, make_sgd, match_param_layout, tune_for_device
 from .errors import DistmnistError, RunFailed, cli
 from .model import Net, parameter_count
 
@@ -65,6 +65,10 @@ def choose_paths(cfg: TrainConfig, accelerator, train: Split) -> tuple[bool, boo
         if free < RESIDENT_HEADROOM * train.images.numel():
             resident = False
             notices.append("training set does not fit comfortably on the GPU: using the DataLoader path")
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.mixed_precision)
+    if launcher_precision != cfg.mixed_precision:  # accelerate launch --mixed_precision / its config file
+        notices.append(f"the launcher asked for mixed precision '{launcher_precision}'; distmnist follows its own "
+                       f"--mixed-precision ({cfg.mixed_precision}): set that flag instead")
     why_not = None
     if not cuda:
         why_not = "CUDA graphs need a CUDA device"
@@ -126,18 +130,20 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> Run:
+    marks = [time.perf_counter()]  # phase boundaries, reported in run.json
     accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout, cfg.log_with, cfg.output_dir)
     console = Console(resolve_mode(cfg.progress, accelerator.is_main_process))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
 
+    marks.append(time.perf_counter())
     train, test = load_data(cfg, accelerator)
     resident, graphs, notices = choose_paths(cfg, accelerator, train)
     ckpt = resume_from(cfg, console)
+    marks.append(time.perf_counter())
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = Net()
-    if device.type == "cuda":
-        model = tune_for_cuda(model)
+    model = tune_for_device(model, device)
     optimizer = make_sgd(model, cfg.lr, cfg.momentum, device)
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
@@ -153,6 +159,7 @@ def setup(cfg: TrainConfig) -> Run:
             notices.append(f"checkpoint was written by {ckpt.rng['cpu'].shape[0]} processes, this run has {world}: "
                            "random streams restart from the seed (weights and optimizer state are restored)")
 
+    marks.append(time.perf_counter())
     sampler = train_sampler(len(train), world, rank, cfg.seed)
     run = Run(
         cfg=cfg, accelerator=accelerator, console=console, model=model, optimizer=optimizer,
@@ -163,6 +170,9 @@ def setup(cfg: TrainConfig) -> Run:
         output_dir=Path(cfg.output_dir),
         versions=versions(accelerator),
     )
+    marks.append(time.perf_counter())
+    run.timings.update({f"setup_{name}": b - a for name, a, b in
+                        zip(("accelerator", "data", "model", "batches"), marks, marks[1:])})
     if ckpt is not None:
         run.start_epoch, run.global_step, run.history = ckpt.epoch, int(ckpt.state["step"]), list(ckpt.state["metrics"])
 
@@ -276,6 +286,7 @@ def write_run_summary(run: Run) -> None:
             "process": seconds_since_process_start(),  # interpreter start -> now, imports included
             "main": time.perf_counter() - run.started,  # main() -> now
             "setup": run.timings.get("setup", 0.0),  # config, Accelerator, data, model, resume
+            **{k: v for k, v in run.timings.items() if k.startswith("setup_")},  # its parts
             "train": sum(r["train_seconds"] for r in new),
             "capture": sum(r["capture_seconds"] for r in new),
             "eval": sum(r["eval_seconds"] for r in new),
@@ -310,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ) from None
         raise
     run.console.summary(run.history, str(run.output_dir), time.perf_counter() - run.started)
-    run.accelerator.end_training()
+    shutdown(run.accelerator)
     return 0
 
 

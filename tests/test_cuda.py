@@ -22,13 +22,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def per_step_losses(data_dir, graphs: bool, steps: int = 12) -> list[float]:
     from distmnist.data import load_mnist, train_batches, train_sampler
     from distmnist.distributed import make_accelerator
-    from distmnist.engine import Engine, make_sgd, tune_for_cuda
+    from distmnist.engine import Engine, make_sgd, tune_for_device
     from distmnist.model import Net
 
     accelerator = make_accelerator(False, "no")
     train, _ = load_mnist(data_dir, allow_download=False)
     torch.manual_seed(1)
-    model = tune_for_cuda(Net())
+    model = tune_for_device(Net(), accelerator.device)
     torch.backends.cudnn.benchmark = False  # the same convolution algorithms in both runs
     optimizer = make_sgd(model, 0.01, 0.9, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -145,6 +145,26 @@ def test_missing_files_with_no_download_name_the_folder_and_flag(tmp_path):
     assert all(name in message for pair in FILES.values() for name in pair)
 
 
+def test_failed_download_says_where_the_files_are_expected(tmp_path, monkeypatch):
+    """No network: torchvision's error becomes a DistmnistError naming the folder to fill."""
+    import urllib.error
+
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, root, train, download):
+            assert download and root == str(tmp_path / "data")
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    with pytest.raises(DistmnistError) as err:
+        load_mnist(tmp_path / "data", allow_download=True)
+    message = str(err.value)
+    assert "could not download MNIST" in message and "name resolution" in message
+    assert str(tmp_path / "data") in message and str(tmp_path / "data" / "MNIST" / "raw") in message
+    assert "train-images-idx3-ubyte" in message
+
+
 def test_one_missing_file_is_named(tmp_path):
     folder = write_mnist(tmp_path / "d", n_train=10, n_test=10)
     (folder / "t10k-labels-idx1-ubyte").unlink()

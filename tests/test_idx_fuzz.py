@@ -106,9 +106,10 @@ def test_hostile_idx_ends_in_distmnist_error_or_reads_exactly(tmp_path, case):
        ndim=st.sampled_from([1, 3]))
 def test_corrupt_or_truncated_gzip_ends_in_distmnist_error(tmp_path, payload, cut, flip, ndim):
     """The .gz container itself damaged: cut short, a byte flipped, or random bytes named .gz."""
-    packed = bytearray(gzip.compress(payload, mtime=0))
-    for damaged in (packed[: cut % len(packed)], packed[:flip % len(packed)] + bytes([packed[flip % len(packed)] ^ 0xFF])
-                    + packed[flip % len(packed) + 1 :], payload):
+    packed = bytes(gzip.compress(payload, mtime=0))
+    cut, flip = cut % len(packed), flip % len(packed)
+    flipped = packed[:flip] + bytes([packed[flip] ^ 0xFF]) + packed[flip + 1 :]
+    for damaged in (packed[:cut], flipped, payload):
         path = tmp_path / "file-idx-ubyte.gz"
         path.write_bytes(bytes(damaged))
         try:

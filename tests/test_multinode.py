@@ -36,7 +36,8 @@ def test_two_machines_over_loopback_match_two_processes_on_one_machine(tmp_path)
     data = write_mnist(tmp_path / "mnist", n_train=600, n_test=N_TEST)
 
     def train_args(out: Path) -> list[str]:
-        return ["--data-dir", str(data), "--output-dir", str(out), "--epochs", "2", "--progress", "plain", "--seed", "5"]
+        return ["--data-dir", str(data), "--output-dir", str(out), "--epochs", "2", "--progress", "plain",
+                "--seed", "5"]
 
     environ = env(ACCELERATE=str(BIN / "accelerate"), ACCELERATE_USE_CPU="1")
     port = free_port()

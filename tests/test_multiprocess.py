@@ -69,16 +69,22 @@ def test_torchrun_2_processes_train_together(full2):
     assert not torch.equal(rng["cpu"][0], rng["cpu"][1])  # ranks draw distinct dropout masks
 
 
-@pytest.mark.parametrize("launcher, nproc", [("torchrun", 3), ("accelerate", 2), ("accelerate", 3)])
-def test_launchers_really_run_n_processes(data, tmp_path, launcher, nproc):
+@pytest.mark.parametrize(
+    "launcher, nproc, n_test",
+    [("torchrun", 3, 2), ("accelerate", 2, N_TEST), ("accelerate", 3, N_TEST)],
+    ids=["torchrun-3-tiny-test-set", "accelerate-2", "accelerate-3"],
+)
+def test_launchers_really_run_n_processes(data, tmp_path, launcher, nproc, n_test):
+    """n_test 2 < 3 processes: one rank evaluates nothing and must still join the reduction."""
     out = tmp_path / "out"
-    proc = LAUNCHERS[launcher](nproc, "train", "--data-dir", data, "--output-dir", out, "--epochs", "1", *RECIPE)
+    proc = LAUNCHERS[launcher](nproc, "train", "--data-dir", data, "--output-dir", out, "--epochs", "1",
+                               "--limit-test", str(n_test), *RECIPE)
     assert_ok(proc)
     (m,) = read_metrics(out)
     assert m["world_size"] == nproc
-    assert m["test_samples"] == N_TEST
+    assert m["test_samples"] == n_test
     assert m["train_samples"] == nproc * -(-N_TRAIN // nproc)
-    assert m["test_accuracy"] == m["test_correct"] / N_TEST
+    assert m["test_accuracy"] == m["test_correct"] / n_test
     assert proc.stdout.count("epoch 1/1 ") == 1
     assert load_file(str(out / "checkpoints" / "epoch-0001" / "rng.safetensors"))["cpu"].shape[0] == nproc
 
@@ -135,6 +141,7 @@ def test_world_size_without_a_process_group_does_not_train_alone(data, tmp_path,
          "--dist-timeout", "3", *RECIPE],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env(**extra),
     )
-    assert proc.returncode != 0, proc.stdout
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "WORLD_SIZE=2" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "metrics.jsonl").exists() and not (out / "model.safetensors").exists()
     assert "epoch 1/1" not in proc.stdout
