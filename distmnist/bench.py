@@ -6,10 +6,11 @@ Rows (seconds per training epoch of the full training set, batch 100, SGD 0.01/0
   tutorial         torchvision MNIST + ToTensor through a DataLoader (0 workers, shuffle), as written
   resident-eager   distmnist: data set resident on the device, batches by index, eager step
   resident-graph   the same with the step captured once as a CUDA graph (CUDA only)
-Warm-up (the first epoch) and graph capture are reported on their own, never folded into the
-steady-state figure, which is the median of the later epochs. Then the end-to-end wall time of a
-full default run (``python -m distmnist.train``, 10 epochs, start-up to exit) and, with
-``--launch-run``, the same under ``accelerate launch --num_processes 1``.
+Each row runs in a fresh process of its own. Warm-up (the first epoch) and graph capture are
+reported on their own, never folded into the steady-state figure, which is the median of the later
+epochs. Then the end-to-end wall time of a full default run (``python -m distmnist.train``, 10
+epochs, start-up to exit, with the phases its run.json records) and, with ``--launch-run``, the same
+under ``accelerate launch --num_processes 1`` and ``python -m accelerate.commands.launch``.
 """
 
 from __future__ import annotations
@@ -177,36 +178,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the full run under `accelerate launch --num_processes 1` and under "
                    "`python -m accelerate.commands.launch` (default: False)")
     p.add_argument("--output-json", metavar="FILE", help="write the results as JSON (default: none)")
+    p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: time one row, print its JSON
     return p
+
+
+ROWS = ("tutorial", "resident-eager", "resident-graph")
+
+
+def time_row(name: str, args: argparse.Namespace) -> dict:
+    """One row, in this process (the parent runs each row in a fresh one)."""
+    data_dir = Path(args.data_dir)
+    if name == "tutorial":
+        device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+        with tempfile.TemporaryDirectory() as scratch:
+            row = tutorial(torchvision_root(data_dir, Path(scratch)), device, args.tutorial_epochs, args.seed)
+    else:
+        accelerator = make_accelerator(args.cpu, "no")
+        row = fast(name, accelerator, data_dir, args.fast_epochs, args.seed, graphs=name == "resident-graph")
+    return asdict(row.finish(len(load_mnist(data_dir, allow_download=False)[0])))
+
+
+def row_in_fresh_process(name: str, argv: Sequence[str]) -> dict:
+    """Each pipeline gets a process of its own: what one leaves behind (allocator state, thread
+    pools, autotuning caches) measurably changes the next one's time (about 5% on a CPU)."""
+    proc = subprocess.run([sys.executable, "-m", "distmnist.bench", *argv, "--row", name], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise DistmnistError(f"benchmark row {name} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @cli
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.row:
+        print(json.dumps(time_row(args.row, args)))
+        return 0
     data_dir = Path(args.data_dir)
-    accelerator = make_accelerator(args.cpu, "no")
-    device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    cuda = torch.cuda.is_available() and not args.cpu
+    name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"distmnist bench on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
 
-    rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        root = torchvision_root(data_dir, Path(scratch))
-        rows.append(tutorial(root, device, args.tutorial_epochs, args.seed))
-    rows.append(fast("resident-eager", accelerator, data_dir, args.fast_epochs, args.seed, graphs=False))
-    if device.type == "cuda":
-        rows.append(fast("resident-graph", accelerator, data_dir, args.fast_epochs, args.seed, graphs=True))
-    images = len(load_mnist(data_dir, allow_download=False)[0])
-    for row in rows:
-        row.finish(images)
-
-    base = rows[0].steady_seconds
+    rows = [row_in_fresh_process(row, argv) for row in ROWS if cuda or row != "resident-graph"]
+    base = rows[0]["steady_seconds"]
     print(f"\n{'pipeline':<16} {'steady s/epoch':>14} {'images/s':>10} {'x tutorial':>10} {'first epoch s':>13} "
           f"{'capture s':>9} {'setup s':>8} {'accuracy':>8}")
     for r in rows:
-        acc = f"{100 * r.test_accuracy:.2f}%" if r.test_accuracy is not None else "-"
-        print(f"{r.name:<16} {r.steady_seconds:>14.3f} {r.images_per_second:>10,.0f} {base / r.steady_seconds:>10.2f} "
-              f"{r.epoch_seconds[0]:>13.3f} {r.capture_seconds:>9.3f} {r.setup_seconds:>8.2f} {acc:>8}")
+        acc = f"{100 * r['test_accuracy']:.2f}%" if r["test_accuracy"] is not None else "-"
+        print(f"{r['name']:<16} {r['steady_seconds']:>14.3f} {r['images_per_second']:>10,.0f} "
+              f"{base / r['steady_seconds']:>10.2f} {r['epoch_seconds'][0]:>13.3f} {r['capture_seconds']:>9.3f} "
+              f"{r['setup_seconds']:>8.2f} {acc:>8}")
 
     runs = []
     if not args.no_full_run:
@@ -225,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({
             "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "rows": [asdict(r) for r in rows], "full_runs": runs,
+            "rows": rows, "full_runs": runs,
         }, indent=2) + "\n")
     return 0
 
