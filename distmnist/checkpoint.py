@@ -1,22 +1,28 @@
-"""Checkpoints: safetensors for tensors, JSON for the rest, a SHA-256 manifest; the only writer of state.
+"""One checkpoint folder: safetensors for tensors, JSON for the rest, a SHA-256 manifest; written
+crash-safely, loaded only after verification. Where checkpoint folders live, how they are named,
+ordered and pruned is the run folder's business (rundir.py).
 
-A checkpoint is a folder ``OUTPUT_DIR/checkpoints/epoch-NNNN/``::
+A checkpoint folder holds::
 
     model.safetensors      weights, keys as in distmnist.model.Net (conv1.weight ... fc2.bias)
     optimizer.safetensors  optimizer state tensors, "state.<param index>.<name>"
     rng.safetensors        RNG state of every rank: "cpu" (world, n) and "cuda" (world, m) uint8
-    state.json             epoch, step, world size, resolved config, metrics so far, param groups
+    progress.safetensors   mid-epoch checkpoints only: every rank's running loss sum and image count
+    state.json             run id, epoch, step, mid-epoch position, world size, config, metrics so far
     manifest.json          every file above with its size in bytes and SHA-256
 
 It is written to a temporary folder, flushed to disk and renamed into place, so a crash during a
 save never leaves a half-written checkpoint under a final name. Loading verifies the manifest
-first; nothing is ever unpickled.
+first (plain file names only, no symlinks, nothing unlisted); nothing is ever unpickled, and
+weights that are not finite are refused.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,17 +31,21 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .errors import DistmnistError
+from .errors import DistmnistError, RunFailed
+from .files import fsync_path, json_text, write_bytes
 from .model import Net
 
 FORMAT = "distmnist-checkpoint/1"
 MANIFEST = "manifest.json"
 STATE = "state.json"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+PROGRESS = "progress.safetensors"  # mid-epoch checkpoints only
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER_BYTES = 1 << 20  # a safetensors header this small model could never need
+METRIC_FIELDS = ("epoch", "step", "train_loss", "train_samples", "train_seconds", "test_loss", "test_accuracy",
+                 "test_correct", "test_samples", "world_size")  # what a resumed run reads back from each record
 
 
 @dataclass
@@ -47,13 +57,34 @@ class Checkpoint:
     optimizer: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
     state: dict[str, Any]
+    progress: dict[str, torch.Tensor] | None = None  # mid-epoch: "loss_sum" (world,) and "samples" (world,)
 
     @property
     def epoch(self) -> int:
+        """The epoch this checkpoint ends (an epoch checkpoint) or is in the middle of (a mid-epoch one)."""
         return int(self.state["epoch"])
 
+    @property
+    def run_id(self) -> str | None:
+        return self.state.get("run_id")
 
-# ---------------------------------------------------------------- helpers
+    @property
+    def mid_epoch(self) -> dict[str, Any] | None:
+        """{"step": steps done in the epoch, "steps": steps per epoch, ...} or None at an epoch's end."""
+        return self.state.get("mid_epoch")
+
+    @property
+    def epochs_done(self) -> int:
+        return self.epoch - 1 if self.mid_epoch else self.epoch
+
+
+def position(state: dict[str, Any]) -> tuple[int, int, int]:
+    """Sort key of a checkpoint within its run: (epoch, 0 mid-epoch / 1 epoch end, step in the epoch)."""
+    mid = state.get("mid_epoch")
+    return (int(state["epoch"]), 0, int(mid["step"])) if mid else (int(state["epoch"]), 1, 0)
+
+
+# ---------------------------------------------------------------- checks
 
 
 def sha256(path: Path) -> str:
@@ -64,24 +95,27 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+@functools.cache
+def net_spec() -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], list[tuple[tuple[int, ...], torch.dtype]]]:
+    """(shape and dtype per weight key, per parameter in order) of Net, built on the meta device: the
+    checks must never draw from the global RNG, which the training's dropout masks come from."""
+    with torch.device("meta"):
+        net = Net()
+    return ({k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()},
+            [(tuple(p.shape), p.dtype) for p in net.parameters()])
 
 
 def expected_weights() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {k: (tuple(v.shape), v.dtype) for k, v in Net().state_dict().items()}
+    return net_spec()[0]
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def check_weights(weights: dict[str, torch.Tensor], source: Path) -> None:
-    """The weights must be exactly the tutorial network's: same keys, shapes and dtypes."""
+    """The weights must be exactly the tutorial network's (keys, shapes, dtypes) and finite."""
     expected = expected_weights()
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -96,11 +130,15 @@ def check_weights(weights: dict[str, torch.Tensor], source: Path) -> None:
             raise DistmnistError(
                 f"{source}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} (another architecture?)"
             )
+    bad = nonfinite(weights)
+    if bad:
+        raise DistmnistError(f"{source}: weights are not finite (NaN or infinity in {', '.join(bad)}): the run that "
+                             "wrote them diverged")
 
 
 def check_optimizer(tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """SGD state of Net: only "state.<i>.momentum_buffer", each shaped and typed like parameter i."""
-    params = [(tuple(p.shape), p.dtype) for p in Net().parameters()]
+    """SGD state of Net: only "state.<i>.momentum_buffer", each shaped and typed like parameter i, finite."""
+    params = net_spec()[1]
     for key, t in tensors.items():
         parts = key.split(".")
         if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or parts[2] != "momentum_buffer":
@@ -111,6 +149,9 @@ def check_optimizer(tensors: dict[str, torch.Tensor], source: Path) -> None:
         shape, dtype = params[index]
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise DistmnistError(f"{source}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+    bad = nonfinite(tensors)
+    if bad:
+        raise DistmnistError(f"{source}: optimizer state is not finite (in {', '.join(bad)})")
 
 
 def check_rng(rng: dict[str, torch.Tensor], source: Path) -> None:
@@ -128,24 +169,53 @@ def check_rng(rng: dict[str, torch.Tensor], source: Path) -> None:
                                  f"({cpu.shape[0]}, n)")
 
 
+def check_progress(progress: dict[str, torch.Tensor], world: int, source: Path) -> None:
+    """Mid-epoch running sums: "loss_sum" float (world,) finite, "samples" int64 (world,) >= 0."""
+    loss, samples = progress.get("loss_sum"), progress.get("samples")
+    if set(progress) != {"loss_sum", "samples"} or loss is None or samples is None:
+        raise DistmnistError(f"{source}: expected exactly the tensors loss_sum and samples, got {sorted(progress)}")
+    if not loss.is_floating_point() or tuple(loss.shape) != (world,) or not bool(torch.isfinite(loss).all()):
+        raise DistmnistError(f"{source}: loss_sum must be {world} finite floats, got {loss.dtype} {tuple(loss.shape)}")
+    if samples.dtype != torch.int64 or tuple(samples.shape) != (world,) or bool((samples < 0).any()):
+        raise DistmnistError(f"{source}: samples must be {world} counts (int64), got {samples.dtype} "
+                             f"{tuple(samples.shape)}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_state(state: Any, source: Path) -> None:
-    """state.json must hold what resuming reads (epoch, step, metrics, optimizer param groups), well typed."""
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
+    """state.json must hold what resuming reads (epoch, step, position, metrics, param groups), well typed."""
     if not isinstance(state, dict):
         raise DistmnistError(f"{source}: expected a JSON object")
-    if not (is_int(state.get("epoch")) and state["epoch"] >= 1 and is_int(state.get("step")) and state["step"] >= 0):
+    if not (_is_int(state.get("epoch")) and state["epoch"] >= 1 and _is_int(state.get("step")) and state["step"] >= 0):
         raise DistmnistError(f"{source}: 'epoch' (>= 1) and 'step' (>= 0) must be integers")
+    if "run_id" in state and not (isinstance(state["run_id"], str) and state["run_id"]):
+        raise DistmnistError(f"{source}: 'run_id' must be a non-empty string")
+    mid = state.get("mid_epoch")
+    if mid is not None:
+        fields = ("step", "steps", "batch_size", "world_size")
+        if not isinstance(mid, dict) or not all(_is_int(mid.get(k)) and mid[k] >= 0 for k in fields) \
+                or not 0 <= mid["step"] < mid["steps"] or not _is_number(mid.get("train_seconds", 0.0)):
+            raise DistmnistError(f"{source}: 'mid_epoch' must hold integers {', '.join(fields)} with 0 <= step < steps")
     metrics = state.get("metrics")
-    if not isinstance(metrics, list) or not all(isinstance(r, dict) and is_int(r.get("epoch")) for r in metrics):
-        raise DistmnistError(f"{source}: 'metrics' must be a list of epoch records, each with its 'epoch'")
+    if not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics):
+        raise DistmnistError(f"{source}: 'metrics' must be a list of epoch records")
+    for i, record in enumerate(metrics):
+        missing = [k for k in METRIC_FIELDS if not _is_number(record.get(k))]
+        if missing:
+            raise DistmnistError(f"{source}: metrics record {i + 1} lacks {', '.join(missing)} (or they are not finite "
+                                 "numbers)")
     groups = state.get("optimizer_param_groups")
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
         raise DistmnistError(f"{source}: 'optimizer_param_groups' must be a list of groups with 'params'")
     indices = [i for g in groups for i in g["params"]]
-    if not all(is_int(i) for i in indices) or sorted(indices) != list(range(len(list(Net().parameters())))):
+    if not all(_is_int(i) for i in indices) or sorted(indices) != list(range(len(net_spec()[1]))):
         raise DistmnistError(f"{source}: 'optimizer_param_groups' do not cover Net's parameters exactly once")
 
 
@@ -156,7 +226,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         with open(path, "rb") as fh:
             header = int.from_bytes(fh.read(8), "little")
     except OSError as err:
-        raise DistmnistError(f"{path}: cannot read ({err})") from None
+        raise DistmnistError(f"{path}: cannot read ({err.strerror or err})") from None
     if size < 8 or header > min(MAX_HEADER_BYTES, size - 8):
         raise DistmnistError(f"{path}: not a valid safetensors file (header of {header} bytes in a {size}-byte file)")
     try:
@@ -166,7 +236,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from a model.safetensors file or a checkpoint folder (verified), checked against Net."""
+    """Weights from a model.safetensors file or a checkpoint folder (verified), checked against Net.
+    (A run folder is resolved to one of these by rundir.load_weights.)"""
     path = Path(path)
     if path.is_dir():
         return load_checkpoint(path).model
@@ -201,8 +272,8 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[dic
 # ---------------------------------------------------------------- save
 
 
-def checkpoint_dir(output_dir: str | Path, epoch: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"epoch-{epoch:04d}"
+def host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def write_checkpoint(
@@ -211,52 +282,57 @@ def write_checkpoint(
     optimizer: dict[str, Any],
     rng: dict[str, torch.Tensor],
     state: dict[str, Any],
+    progress: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint folder crash-safely: temp folder, fsync, manifest last, atomic rename."""
+    """Write a checkpoint folder crash-safely: temp folder, fsync, manifest last, atomic rename.
+
+    A failed write (disk full, read-only) removes the temp folder and raises a one-line error; the
+    folder's previous checkpoints are untouched. Non-finite weights are never written.
+    """
+    model = host_tensors(model)
+    bad = nonfinite(model)
+    if bad:
+        raise RunFailed(f"refusing to write {final}: weights are not finite ({', '.join(bad)})")
     tmp = final.parent / f".tmp-{final.name}"
-    for stale in final.parent.glob(".tmp-epoch-*"):  # left by a save that crashed; never loaded, now removed
-        shutil.rmtree(stale)
-    tmp.mkdir(parents=True)
     opt_tensors, param_groups = flatten_optimizer(optimizer)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file(rng, str(tmp / "rng.safetensors"))
-    _write_json(tmp / STATE, {**state, "format": FORMAT, "optimizer_param_groups": param_groups})
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)} for name in (*TENSOR_FILES, STATE)}
-    _write_json(tmp / MANIFEST, {"format": FORMAT, "files": files})
-    for name in (*TENSOR_FILES, STATE, MANIFEST):
-        _fsync(tmp / name)
-    if final.exists():  # a rerun of the same epoch replaces it, still atomically per folder
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(final.parent)
+    contents = {
+        "model.safetensors": save(model),
+        "optimizer.safetensors": save(opt_tensors),
+        "rng.safetensors": save(host_tensors(rng)),
+        **({PROGRESS: save(host_tensors(progress))} if progress is not None else {}),
+        STATE: json_text({**state, "format": FORMAT, "optimizer_param_groups": param_groups}).encode(),
+    }
+    try:
+        for stale in final.parent.glob(".tmp-*"):  # left by a save that crashed; never loaded, now removed
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+        tmp.mkdir(parents=True)
+        for name, data in contents.items():
+            write_bytes(tmp / name, data, atomic=False)
+        files = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in contents.items()}
+        write_bytes(tmp / MANIFEST, json_text({"format": FORMAT, "files": files}).encode(), atomic=False)
+        fsync_path(tmp)
+        if final.is_symlink() or final.is_file():
+            final.unlink()
+        elif final.exists():  # a rerun of the same position replaces it, still atomically per folder
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+    except (OSError, DistmnistError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise DistmnistError(f"cannot write checkpoint {final}: {reason}") from None
     return final
-
-
-def prune(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints (keep <= 0: keep all)."""
-    if keep <= 0:
-        return []
-    old = list_checkpoints(output_dir)[keep:]
-    for path in old:
-        shutil.rmtree(path)
-    return old
 
 
 # ---------------------------------------------------------------- load
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoint folders under OUTPUT_DIR/checkpoints, newest epoch first (temp folders excluded)."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
-
-
 def verify(path: Path) -> dict[str, Any]:
-    """Check the manifest against the folder: every file present with its size and hash, nothing else."""
+    """Check the manifest against the folder: every file present with its size and hash, nothing else,
+    plain file names only, no symlinks anywhere."""
     manifest_path = path / MANIFEST
+    if path.is_symlink():
+        raise DistmnistError(f"{path}: checkpoint folder is a symlink; distmnist reads only real folders")
     if not path.is_dir():
         raise DistmnistError(f"--resume: no such checkpoint folder: {path}")
     try:
@@ -268,7 +344,14 @@ def verify(path: Path) -> dict[str, Any]:
         isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str) for m in files.values()
     ):
         raise DistmnistError(f"{manifest_path}: 'files' must map each file name to its bytes and sha256")
-    present = {p.name for p in path.iterdir()}
+    for name in files:
+        if name in ("", ".", "..", MANIFEST) or Path(name).name != name or "/" in name or "\\" in name:
+            raise DistmnistError(f"{manifest_path}: entry {name!r} is not a plain file name inside the checkpoint folder")
+    entries = list(path.iterdir())
+    links = sorted(p.name for p in entries if p.is_symlink())
+    if links:
+        raise DistmnistError(f"{path / links[0]}: symlink in a checkpoint folder; distmnist reads only real files")
+    present = {p.name for p in entries}
     pickles = sorted(n for n in present if n.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise DistmnistError(f"{path / pickles[0]}: pickle file in a checkpoint; distmnist never loads pickles")
@@ -290,44 +373,50 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder, parsed and checked but not verified against the manifest
+    (enough to order a run's checkpoints; loading verifies everything)."""
+    file = path / STATE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise DistmnistError(f"{file}: missing or not valid JSON ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise DistmnistError(f"{file}: unknown checkpoint format {found!r}, expected {FORMAT}")
+    check_state(state, file)
+    return state
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Verify, then load a checkpoint folder; every problem is a DistmnistError naming the file."""
     path = Path(path)
-    verify(path)
-    try:
-        state = json.loads((path / STATE).read_text())
-    except ValueError as err:
-        raise DistmnistError(f"{path / STATE}: not valid JSON ({err})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise DistmnistError(f"{path / STATE}: unknown checkpoint format {found!r}, expected {FORMAT}")
-    check_state(state, path / STATE)
+    manifest = verify(path)
+    state = read_state(path)
+    mid = state.get("mid_epoch")
+    if (PROGRESS in manifest["files"]) != (mid is not None):
+        raise DistmnistError(f"{path / MANIFEST}: {PROGRESS} must be listed exactly when state.json has 'mid_epoch'")
     ckpt = Checkpoint(
         path=path,
         model=read_tensors(path / "model.safetensors"),
         optimizer=read_tensors(path / "optimizer.safetensors"),
         rng=read_tensors(path / "rng.safetensors"),
         state=state,
+        progress=read_tensors(path / PROGRESS) if mid is not None else None,
     )
     check_weights(ckpt.model, path / "model.safetensors")
     check_optimizer(ckpt.optimizer, path / "optimizer.safetensors")
     check_rng(ckpt.rng, path / "rng.safetensors")
+    if ckpt.progress is not None:
+        check_progress(ckpt.progress, ckpt.rng["cpu"].shape[0], path / PROGRESS)
     return ckpt
 
 
-def newest_valid(output_dir: str | Path, warn) -> Checkpoint | None:
-    """The newest checkpoint that verifies; each one skipped is reported through ``warn``."""
-    for path in list_checkpoints(output_dir):
-        try:
-            return load_checkpoint(path)
-        except DistmnistError as err:
-            warn(f"skipping invalid checkpoint {path}: {err}")
-    return None
-
-
-def save_weights(model: dict[str, torch.Tensor], path: Path) -> None:
-    """Final weights, loadable with safetensors.torch.load_file into a plain Net; written atomically."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, path)
+def save_weights(model: dict[str, torch.Tensor], path: Path) -> Path:
+    """Final weights, loadable with safetensors.torch.load_file into a plain Net; written atomically.
+    Non-finite weights are never written."""
+    model = host_tensors(model)
+    bad = nonfinite(model)
+    if bad:
+        raise RunFailed(f"refusing to write {path}: weights are not finite ({', '.join(bad)})")
+    return write_bytes(path, save(model))

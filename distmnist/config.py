@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import DistmnistError
+
+
+MAX_SEED = 2**32 - 1  # torch takes 64-bit seeds, but seed + rank and seed + epoch must not overflow
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_CONFIG_BYTES = 1 << 20  # a config of a dozen options: anything bigger is not one
+MAX_YAML_ALIASES = 20  # enough for any sane config, too few for an exponential "billion laughs"
 
 
 def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None, metavar: str | None = None):
@@ -34,9 +41,9 @@ class TrainConfig:
     epochs: int = _opt(10, "number of passes over the training set")
     batch_size: int = _opt(100, "training images per process per step (global batch = this x world size)")
     test_batch_size: int = _opt(1000, "test images per process per evaluation batch")
-    lr: float = _opt(0.01, "SGD learning rate")
+    lr: float = _opt(0.01, "SGD learning rate (finite, > 0)")
     momentum: float = _opt(0.9, "SGD momentum")
-    seed: int = _opt(1, "random seed (weights, shuffling, dropout)")
+    seed: int = _opt(1, f"random seed (weights, shuffling, dropout), 0 to {MAX_SEED}")
     # hardware
     mixed_precision: str = _opt("no", "autocast precision through Accelerate (fp16 needs a GPU)",
                                 choices=("no", "fp16", "bf16"))
@@ -45,8 +52,11 @@ class TrainConfig:
                             "without fp16)", choices=("auto", "on", "off"))
     # output
     output_dir: str = _opt("runs/mnist", "where checkpoints, metrics.jsonl and model.safetensors go", metavar="DIR")
-    resume: str | None = _opt(None, "'auto' = newest checkpoint in --output-dir (fresh start if none), or a "
-                              "checkpoint folder", metavar="{auto,PATH}")
+    resume: str | None = _opt(None, "'auto' = continue the run in --output-dir from its newest checkpoint (fresh "
+                              "start if there is none), or a checkpoint folder or run folder to continue from",
+                              metavar="{auto,PATH}")
+    overwrite: bool = _opt(False, "start over in an --output-dir that holds another run, deleting that run's files "
+                           "first (without it such a folder is refused)")
     keep_checkpoints: int = _opt(0, "keep only the newest K checkpoints, pruned after a new one is complete "
                                  "(0 = keep all)", metavar="K")
     dist_timeout: float = _opt(600.0, "seconds a collective may wait for another rank before the job fails "
@@ -73,16 +83,17 @@ def _check(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise DistmnistError(f"--{_flag(name)} must be >= 1, got {value}")
-    if not cfg.lr > 0:
-        raise DistmnistError(f"--lr must be > 0, got {cfg.lr}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise DistmnistError(f"--lr must be a finite number > 0, got {cfg.lr}")
     if not 0 <= cfg.momentum < 1:
         raise DistmnistError(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.keep_checkpoints < 0:
         raise DistmnistError(f"--keep-checkpoints must be >= 0, got {cfg.keep_checkpoints}")
-    if not cfg.dist_timeout > 0:
-        raise DistmnistError(f"--dist-timeout must be > 0, got {cfg.dist_timeout}")
-    if cfg.seed < 0:
-        raise DistmnistError(f"--seed must be >= 0, got {cfg.seed}")
+    if not 0 < cfg.dist_timeout <= MAX_DIST_TIMEOUT_S:
+        raise DistmnistError(f"--dist-timeout must be > 0 and at most {MAX_DIST_TIMEOUT_S:g} seconds (7 days), "
+                             f"got {cfg.dist_timeout}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise DistmnistError(f"--seed must be between 0 and {MAX_SEED}, got {cfg.seed}")
     for name, f in FIELDS.items():
         choices = f.metadata["choices"]
         if choices and getattr(cfg, name) not in choices:
@@ -97,6 +108,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     """Type-check one value from YAML against the dataclass field type."""
     f = FIELDS[name]
     kind = f.type if isinstance(f.type, str) else str(f.type)
+    if isinstance(value, (list, dict, set, tuple)):  # never repr() these: aliases can nest them deeply
+        raise DistmnistError(f"{source}: '{name}' must be {kind.split(' |')[0]}, got a {type(value).__name__}")
     if value is None:
         if "None" in kind:
             return None
@@ -116,16 +129,51 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     raise DistmnistError(f"{source}: '{name}' must be {kind.split(' |')[0]}, got {value!r}")
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def _parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load with limits: few aliases (no exponential "billion laughs"), no duplicate keys."""
     import yaml
 
+    class BoundedLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases = getattr(self, "aliases", 0) + 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise DistmnistError(f"{source}: more than {MAX_YAML_ALIASES} YAML aliases; a config needs none")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                if key in seen:
+                    raise DistmnistError(f"{source}: duplicate key '{key}' (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise DistmnistError(f"{source} is not valid YAML: {' '.join(str(err).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise DistmnistError(f"--config: no such file: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DistmnistError(f"--config: {p} is not valid YAML: {err}") from None
+        raw_bytes = p.read_bytes()
+    except OSError as err:
+        raise DistmnistError(f"--config: cannot read {p}: {err.strerror or err}") from None
+    if len(raw_bytes) > MAX_CONFIG_BYTES:
+        raise DistmnistError(f"--config: {p} is {len(raw_bytes):,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DistmnistError(f"--config: {p} is not UTF-8 text (byte {err.start}: {raw_bytes[err.start]:#04x})") from None
+    raw = _parse_yaml(text, f"--config: {p}") or {}
     if not isinstance(raw, dict):
         raise DistmnistError(f"--config: {p} must hold a mapping of option: value")
     out = {}

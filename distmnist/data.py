@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from .distributed import agree, disagreeing_ranks, tensors_digest
 from .errors import DistmnistError
 
 FILES = {
@@ -181,6 +182,43 @@ def load_mnist(data_dir: str | Path, allow_download: bool = True) -> tuple[Split
     return train, test
 
 
+def load_data(accelerator, data_dir: str | Path, no_download: bool, limit_train: int | None = None,
+              limit_test: int | None = None) -> tuple[Split, Split]:
+    """(train, test) on every rank, the same everywhere, or every rank exits with the reason.
+
+    On each machine the local main process downloads what is missing (unless no_download) while
+    the machine's other ranks wait; every rank runs the same collectives whatever its local files
+    hold, so a machine without data fails cleanly instead of pairing collectives wrongly. Then the
+    ranks compare a digest of the decoded tensors: a machine with a different copy of MNIST ends
+    the run with exit 2, naming its rank and host.
+    """
+    data_dir = Path(data_dir)
+    error, splits = None, None
+    with accelerator.local_main_process_first():  # a barrier on every rank, before and after the local main's turn
+        try:
+            if accelerator.is_local_main_process:
+                splits = load_mnist(data_dir, allow_download=not no_download)
+            else:
+                missing = missing_files(data_dir)
+                if missing:
+                    raise DistmnistError(f"MNIST not found: {', '.join(missing)} missing in {data_dir} on this "
+                                         "machine after its first process looked for it (is the folder local to each "
+                                         "process?)")
+                splits = load_mnist(data_dir, allow_download=False)
+        except DistmnistError as err:
+            error = err
+    agree(accelerator, error)
+    train, test = splits[0].head(limit_train), splits[1].head(limit_test)
+    digest = tensors_digest([train.images, train.labels, test.images, test.labels])
+    different = disagreeing_ranks(accelerator, digest)
+    if different:
+        names = ", ".join(f"rank {rank} on {host}" for rank, host in different)
+        raise DistmnistError(f"{names} read different MNIST data from {data_dir} than rank 0 (a digest of the "
+                             "decoded images and labels differs): give every machine the same files",
+                             silent=not accelerator.is_main_process)
+    return train, test
+
+
 # ---------------------------------------------------------------- batches
 
 
@@ -206,7 +244,16 @@ class LoaderBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
+        return self.epoch(0)
+
+    def epoch(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from step ``start_step`` on (the sampler's order, set_epoch already called)."""
+        loader = self.loader
+        if start_step:  # the same batches as an uninterrupted epoch, minus the first start_step
+            rest = list(self.sampler)[start_step * self.loader.batch_size :]
+            loader = DataLoader(self.loader.dataset, batch_size=self.loader.batch_size, sampler=rest,
+                                pin_memory=self.loader.pin_memory)
+        for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
@@ -221,8 +268,13 @@ class ResidentBatches:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+    def epoch(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from step ``start_step`` on (the sampler's order, set_epoch already called)."""
         # one host->device copy of this epoch's indices, then pure device-side gathers
-        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.device, non_blocking=True)
+        order = torch.tensor(list(self.sampler)[start_step * self.batch_size :], dtype=torch.long)
+        order = order.to(self.device, non_blocking=True)
         for idx in order.split(self.batch_size):
             yield self.split.images.index_select(0, idx), self.split.labels.index_select(0, idx)
 

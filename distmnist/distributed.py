@@ -1,22 +1,37 @@
-"""The one place that knows about processes: build the Accelerator, check the launch, move RNG state.
+"""The one place that knows about processes: build the Accelerator, check the launch, move RNG
+state, and make the ranks agree (on an error, on a decision of the main process, on digests).
 
 Accelerate owns devices and process groups. On a machine without CUDA the Accelerator is made
 with ``cpu=True`` so that ``torchrun --nproc_per_node N`` becomes real N-process data parallel over
 gloo instead of N processes that each believe they are alone.
+
+Agreement is what keeps collectives paired: a rank that meets an error does not leave on its own
+while the others wait in the next collective; every rank reports what it met (``agree``) and all
+of them leave together, with the error shown once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import socket
 from datetime import timedelta
 
 import torch
 
 from .errors import DistmnistError
 
+AGREE_BYTES = 4096  # per rank: exit code, host and a one-line message, as JSON
+
 
 def launched_world_size() -> int:
     """The world size the launcher (torchrun, accelerate launch, SLURM via them) asked for."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        value = os.environ.get(name)
+        if value is not None and not value.strip().isdigit():
+            raise DistmnistError(f"{name}={value!r} in the environment is not a whole number; it is set by the "
+                                 "launcher (torchrun, accelerate launch): unset it to run one process")
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -42,10 +57,11 @@ def check_tracker(name: str) -> None:
 
 def make_accelerator(cpu: bool, mixed_precision: str, timeout_s: float | None = None, log_with: str | None = None,
                      project_dir: str | None = None):
-    """project_dir: where file-based trackers (tensorboard, ...) write, under project_dir/distmnist."""
+    """project_dir: where file-based trackers (tensorboard, ...) write, one folder per run id (init_trackers)."""
     from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
 
+    launched_world_size()  # a malformed WORLD_SIZE / RANK is a one-line error, not Accelerate's traceback
     if log_with is not None:
         check_tracker(log_with)
     use_cpu = cpu or not torch.cuda.is_available()
@@ -72,6 +88,22 @@ def make_accelerator(cpu: bool, mixed_precision: str, timeout_s: float | None = 
             "and a working backend"
         )
     return accelerator
+
+
+def init_trackers(accelerator, log_with: str | None, run_id: str, config: dict) -> None:
+    """Start --log-with's tracker with one run name per run id: a resumed run continues its own curve
+    and a new run starts a new one. File-based trackers (tensorboard, ...) write to
+    PROJECT_DIR/RUN_ID; the others (wandb, mlflow, ...) keep the project "distmnist" and name the run."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    if log_with is None:
+        return
+    trackers = [LOGGER_TYPE_TO_CLASS.get(str(t)) for t in accelerator.log_with]
+    file_based = bool(trackers) and all(t is not None and t.requires_logging_directory for t in trackers)
+    accelerator.init_trackers(
+        run_id if file_based else "distmnist", config={"run_id": run_id, **config},
+        init_kwargs={"wandb": {"name": run_id, "id": run_id, "resume": "allow"}, "mlflow": {"run_name": run_id}},
+    )
 
 
 def shutdown(accelerator) -> None:
@@ -102,3 +134,90 @@ def restore_rng(accelerator, rng: dict[str, torch.Tensor]) -> bool:
     if "cuda" in rng and accelerator.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"][rank].clone(), accelerator.device)
     return True
+
+
+# ---------------------------------------------------------------- agreement between ranks
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
+def node() -> str:
+    """Which machine of the job this process runs on: the launcher's node rank, else the host name."""
+    return f"{host()}/{os.environ.get('GROUP_RANK', '0')}"
+
+
+def gather_bytes(accelerator, data: bytes, size: int) -> list[bytes]:
+    """Every rank's ``data`` (at most ``size`` bytes) on every rank, in rank order: one all-gather."""
+    if len(data) > size:
+        raise ValueError(f"{len(data)} bytes do not fit in {size}")
+    buf = torch.zeros(size + 4, dtype=torch.uint8)
+    buf[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
+    if data:
+        buf[4 : 4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    rows = accelerator.gather(buf.to(accelerator.device).unsqueeze(0)).cpu()
+    out = []
+    for row in rows:
+        raw = bytes(row.tolist())
+        out.append(raw[4 : 4 + int.from_bytes(raw[:4], "little")])
+    return out
+
+
+def broadcast_bytes(accelerator, data: bytes | None) -> bytes:
+    """The main process's ``data`` on every rank (its length, then its bytes); others pass None."""
+    from accelerate.utils import broadcast
+
+    if accelerator.num_processes == 1:
+        return data or b""
+    main = accelerator.is_main_process
+    length = torch.tensor([len(data) if main else 0], dtype=torch.int64, device=accelerator.device)
+    length = int(broadcast(length, from_process=0).item())
+    buf = torch.zeros(length, dtype=torch.uint8)
+    if main and length:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return bytes(broadcast(buf.to(accelerator.device), from_process=0).cpu().tolist()) if length else b""
+
+
+def agree(accelerator, error: DistmnistError | None) -> None:
+    """Every rank calls this with the error it met, or None; if any rank met one, every rank raises.
+
+    The lowest failing rank's error wins. It is shown once per machine: by the main process (naming
+    the rank and host when it happened elsewhere) and by the failing rank itself if that runs on
+    another machine (node); every other rank exits with the same code silently.
+    """
+    if accelerator.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    mine = {"code": error.exit_code if error else 0, "host": host(), "node": node(),
+            "message": str(error)[:600] if error else ""}
+    records = [json.loads(raw) for raw in gather_bytes(accelerator, json.dumps(mine).encode(), AGREE_BYTES)]
+    failed = [(rank, r) for rank, r in enumerate(records) if r["code"]]
+    if not failed:
+        return
+    rank, first = failed[0]
+    if accelerator.process_index == rank and (accelerator.is_main_process or first["node"] != records[0]["node"]):
+        raise error
+    if accelerator.is_main_process:
+        raise DistmnistError(f"rank {rank} on {first['host']}: {first['message']}", exit_code=first["code"])
+    raise DistmnistError(first["message"], silent=True, exit_code=first["code"])
+
+
+def disagreeing_ranks(accelerator, digest: bytes) -> list[tuple[int, str]]:
+    """(rank, host) of every rank whose ``digest`` differs from the main process's (every rank calls)."""
+    if accelerator.num_processes == 1:
+        return []
+    records = [json.loads(raw) for raw in gather_bytes(
+        accelerator, json.dumps({"digest": digest.hex(), "host": host()}).encode(), 512)]
+    return [(rank, r["host"]) for rank, r in enumerate(records) if r["digest"] != records[0]["digest"]]
+
+
+def tensors_digest(tensors) -> bytes:
+    """SHA-256 over the bytes of the tensors, in order (tensors on any device; copied to the host)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        digest.update(str((tuple(t.shape), t.dtype)).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.digest()

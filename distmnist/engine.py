@@ -8,6 +8,7 @@ few real eager steps and replayed from then on; a short last batch runs eagerly.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import to_input
+from .signals import CHECK_EVERY, StopRequests
 
 GRAPH_WARMUP_STEPS = 3  # real training steps run eagerly (on a side stream) before capture
 
@@ -25,8 +27,20 @@ class EpochStats:
     loss: float  # mean training loss over every image of every rank
     samples: int  # training images seen by all ranks together
     steps: int  # optimizer steps per rank
-    seconds: float  # wall time of the training part, device work included
+    seconds: float  # wall time of the training part, device work included (resumed epochs: both parts)
     capture_seconds: float  # time spent capturing the CUDA graph (part of `seconds`), 0 if none
+    stop: int = 0  # the agreed stop code (a signal number, signals.DIVERGED) when the epoch ended early
+    epoch_step: int = 0  # steps done in the epoch by each rank, resumed ones included
+
+
+@dataclass
+class Carry:
+    """Where an interrupted epoch resumes: this rank's running sums at its position."""
+
+    step: int  # steps already done in the epoch
+    loss_sum: float  # this rank's sum of the training loss over its images so far (float32, exact)
+    samples: int  # this rank's images so far
+    seconds: float  # training wall time spent on the epoch before the interruption
 
 
 @dataclass
@@ -89,7 +103,9 @@ class Engine:
         self._opt = inner if getattr(optimizer, "scaler", None) is None else optimizer
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss_sum = torch.zeros((), device=self.device)  # sum over images of the training loss
+        self.samples = 0  # this rank's images so far in the epoch
         self.steps_done = 0  # optimizer steps since the start of training (this process)
+        self.stop: StopRequests | None = None  # set by the caller: signals and divergence end an epoch early
 
     # ------------------------------------------------------------ the step
 
@@ -138,32 +154,48 @@ class Engine:
     # ------------------------------------------------------------ epochs
 
     def running_loss(self, samples: int) -> float:
-        """Mean loss of this process so far in the epoch. A host sync: call it rarely."""
-        return self.loss_sum.item() / max(samples, 1)
+        """Mean loss of this process so far in the epoch. A host sync: call it rarely. A non-finite
+        value (divergence) is reported to the stop requests, which end the epoch at the next check."""
+        loss = self.loss_sum.item() / max(samples, 1)
+        if not math.isfinite(loss) and self.stop is not None:
+            self.stop.diverged()
+        return loss
 
-    def train_epoch(self, batches: Iterable, progress: StepProgress | None = None) -> EpochStats:
+    def train_epoch(self, batches, progress: StepProgress | None = None, carry: Carry | None = None) -> EpochStats:
+        """Train over ``batches.epoch(start)`` from step ``carry.step`` (0: the whole epoch).
+
+        Every CHECK_EVERY steps (every step with one process) the ranks agree on the stop requests;
+        if one is set, every rank stops after the same step and the stats say so (``stop``).
+        """
         self.model.train()
-        self.loss_sum.zero_()
-        samples = steps = 0
-        capture = 0.0
+        start_step = carry.step if carry else 0
+        self.loss_sum.fill_(carry.loss_sum if carry else 0.0)
+        self.samples = carry.samples if carry else 0
+        single = self.accelerator.num_processes == 1
+        steps, capture, stop = start_step, 0.0, 0
         synchronize(self.device)
         start = time.perf_counter()
-        for images, labels in batches:
+        for images, labels in batches.epoch(start_step):
             if self.cuda_graphs:
                 capture += self._graph_step(images, labels)
             else:
                 self._step(images, labels)
-            samples += labels.shape[0]
+            self.samples += labels.shape[0]
             steps += 1
             self.steps_done += 1
             if progress is not None:
-                progress.update(steps, lambda n=samples: self.running_loss(n))
+                progress.update(steps, lambda n=self.samples: self.running_loss(n))
+            if self.stop is not None and (single or steps % CHECK_EVERY == 0) and steps < len(batches):
+                stop = self.stop.agreed()
+                if stop:
+                    break
         synchronize(self.device)
-        seconds = time.perf_counter() - start
-        totals = torch.stack([self.loss_sum.double(), torch.tensor(float(samples), device=self.device).double()])
+        seconds = time.perf_counter() - start + (carry.seconds if carry else 0.0)
+        totals = torch.stack([self.loss_sum.double(), torch.tensor(float(self.samples), device=self.device).double()])
         totals = self.accelerator.reduce(totals, reduction="sum")
         global_loss, global_samples = totals.tolist()
-        return EpochStats(global_loss / max(global_samples, 1), int(global_samples), steps, seconds, capture)
+        return EpochStats(global_loss / max(global_samples, 1), int(global_samples), steps - start_step, seconds,
+                          capture, stop, steps)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable, keep_outputs: bool = False) -> EvalStats:

@@ -1,6 +1,7 @@
 """Evaluate saved weights on the MNIST test set, on one process or many, each image counted once.
 
     python -m distmnist.evaluate --checkpoint runs/mnist/model.safetensors --data-dir ../shared/mnist
+    python -m distmnist.evaluate --checkpoint runs/mnist          # a run folder: its weights and its data
     torchrun --nproc_per_node 2 -m distmnist.evaluate --checkpoint runs/mnist/checkpoints/epoch-0010
     distmnist evaluate --checkpoint runs/mnist/model.safetensors --mistakes mistakes.png
 
@@ -11,32 +12,33 @@ its own shard, one reduce sums them) and, with --mistakes, a grid of the most co
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from rich.console import Console as RichConsole
 
-from .checkpoint import load_weights
 from .config import TrainConfig
 from .console import Console, resolve_mode
-from .data import eval_batches, eval_shard
-from .distributed import make_accelerator, shutdown
+from .data import eval_batches, eval_shard, load_data
+from .distributed import agree, make_accelerator, shutdown
 from .engine import Engine
 from .errors import DistmnistError, cli
+from .files import write_json
 from .model import Net
 from .plot import mistakes_figure, require_matplotlib, save
 from .report import confusion_matrix, confusion_table, local_mistakes, per_class_accuracy, per_class_table, top_mistakes
-from .train import load_data
+from .rundir import is_run_folder, load_weights, read_config
 
 
 def build_parser(prog: str = "distmnist evaluate") -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog=prog, description="Test loss and accuracy of saved weights on MNIST's test set.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a model.safetensors file or a checkpoint folder (verified against its manifest) (required)")
-    p.add_argument("--data-dir", default=defaults.data_dir, metavar="DIR", help="MNIST folder (default: %(default)s)")
+                   help="a model.safetensors file, a checkpoint folder (verified against its manifest) or a run "
+                   "folder (its model.safetensors, or its newest valid checkpoint) (required)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help=f"MNIST folder (default: the run's own when --checkpoint is a run folder, else {defaults.data_dir})")
     p.add_argument("--no-download", action="store_true", help="never download MNIST (default: False)")
     p.add_argument("--output-json", metavar="FILE", help="also write the results as JSON (default: none)")
     p.add_argument("--test-batch-size", type=int, default=defaults.test_batch_size,
@@ -74,11 +76,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DistmnistError(f"--mistakes-count must be >= 1, got {args.mistakes_count}")
     if args.mistakes:
         require_matplotlib()  # fail before any work, on every rank
-    weights = load_weights(args.checkpoint)  # every rank verifies; bad files fail before any collective
+    for option in ("output_json", "mistakes"):
+        target = getattr(args, option)
+        if target and Path(target).is_dir():
+            raise DistmnistError(f"--{option.replace('_', '-')} {target} is a folder; give a file name")
+    run_folder = is_run_folder(Path(args.checkpoint))
+    if args.data_dir is None:
+        args.data_dir = (read_config(Path(args.checkpoint)) or {}).get("data_dir") if run_folder else None
+        args.data_dir = args.data_dir or TrainConfig().data_dir
+    notes: list[str] = []
+    weights = load_weights(args.checkpoint, notes.append)  # every rank verifies; bad files fail before any collective
     accelerator = make_accelerator(args.cpu, args.mixed_precision)
     console = Console(resolve_mode(args.progress, accelerator.is_main_process))
-    cfg = TrainConfig(data_dir=args.data_dir, no_download=args.no_download, limit_test=args.limit_test)
-    _, test = load_data(cfg, accelerator)
+    for note in notes:
+        console.notice(note)
+    _, test = load_data(accelerator, args.data_dir, args.no_download, limit_test=args.limit_test)
 
     model = Net()
     model.load_state_dict(weights)
@@ -102,21 +114,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     show(console, per_class_table(confusion))
     show(console, confusion_table(confusion))
-    if accelerator.is_main_process and args.mistakes:
-        save(mistakes_figure(test.images[[m.index for m in mistakes]], mistakes), Path(args.mistakes))
-        console.print(f"wrote {args.mistakes} ({len(mistakes)} mistakes)")
-    if accelerator.is_main_process and args.output_json:
-        Path(args.output_json).write_text(json.dumps({
-            "checkpoint": str(args.checkpoint),
-            "test_accuracy": result.accuracy,
-            "test_loss": result.loss,
-            "test_correct": result.correct,
-            "test_samples": result.samples,
-            "world_size": accelerator.num_processes,
-            "per_class_accuracy": per_class_accuracy(confusion),  # index = digit; null if no images
-            "confusion_matrix": confusion.tolist(),  # [true digit][predicted digit]
-            **({"mistakes": [vars(m) for m in mistakes]} if args.mistakes else {}),
-        }, indent=2) + "\n")
+    error = None
+    if accelerator.is_main_process:  # the only writer; a failed write ends every rank together
+        try:
+            if args.mistakes:
+                save(mistakes_figure(test.images[[m.index for m in mistakes]], mistakes), Path(args.mistakes))
+                console.print(f"wrote {args.mistakes} ({len(mistakes)} mistakes)")
+            if args.output_json:
+                write_json(args.output_json, {
+                    "checkpoint": str(args.checkpoint),
+                    "test_accuracy": result.accuracy,
+                    "test_loss": result.loss,
+                    "test_correct": result.correct,
+                    "test_samples": result.samples,
+                    "world_size": accelerator.num_processes,
+                    "per_class_accuracy": per_class_accuracy(confusion),  # index = digit; null if no images
+                    "confusion_matrix": confusion.tolist(),  # [true digit][predicted digit]
+                    **({"mistakes": [vars(m) for m in mistakes]} if args.mistakes else {}),
+                })
+        except DistmnistError as err:
+            error = err
+        except OSError as err:
+            error = DistmnistError(f"cannot write {args.mistakes}: {err.strerror or err}")
+    agree(accelerator, error)
     shutdown(accelerator)
     return 0
 

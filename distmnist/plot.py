@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import load_weights, newest_valid
+from .rundir import load_weights
 from .console import Console, resolve_mode
 from .errors import DistmnistError, cli
 from .report import Mistake
@@ -75,14 +75,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def run_weights(run_dir: Path, console: Console) -> dict[str, torch.Tensor]:
     """RUN_DIR/model.safetensors, or the newest valid checkpoint while the run is unfinished."""
-    final = run_dir / "model.safetensors"
-    if final.is_file():
-        return load_weights(final)
-    ckpt = newest_valid(run_dir, console.notice)
-    if ckpt is None:
-        raise DistmnistError(f"{run_dir}: neither model.safetensors nor a valid checkpoint to take the kernels from")
-    console.notice(f"{final} not found (run unfinished?): kernels from {ckpt.path}")
-    return ckpt.model
+    return load_weights(run_dir, console.notice)
 
 
 # ---------------------------------------------------------------- figures

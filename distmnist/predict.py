@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from rich.console import Console as RichConsole
 from rich.table import Table
 
-from .checkpoint import load_weights
+from .rundir import load_weights
 from .errors import DistmnistError, cli
 from .model import Net, to_input
 
@@ -141,7 +141,8 @@ def build_parser(prog: str = "distmnist predict") -> argparse.ArgumentParser:
         prog=prog, description="Classify images of handwritten digits (PNG, JPEG, any size, either polarity).")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a model.safetensors file or a checkpoint folder (verified against its manifest) (required)")
+                   help="a model.safetensors file, a checkpoint folder (verified against its manifest) or a run "
+                   "folder (its model.safetensors, or its newest valid checkpoint) (required)")
     p.add_argument("--top", type=int, default=3, metavar="K",
                    help="how many digits to list per image (default: %(default)s)")
     p.add_argument("--json", action="store_true",

@@ -4,59 +4,45 @@
     accelerate launch -m distmnist.train --data-dir ../shared/mnist
     torchrun --nproc_per_node 2 -m distmnist.train --data-dir ../shared/mnist
 
-Wires the pieces, data flowing one way: command line -> config -> Accelerator -> data ->
-epoch loop (engine) -> checkpoint and console. Only the main process writes files or prints.
+Wires the pieces, data flowing one way: command line -> config -> Accelerator -> run folder (the
+main process decides how the run starts and sends that, checkpoint included, to every rank) ->
+data -> model -> epoch loop (engine) -> checkpoints and console. Only the main process touches
+the output folder or prints; every collective runs on every rank, and whatever ends the run early
+(a bad folder, a failed write, a signal, divergence) ends it on every rank together.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import math
 import platform
+import signal
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from . import __version__
-from .checkpoint import (
-    Checkpoint,
-    checkpoint_dir,
-    load_checkpoint,
-    newest_valid,
-    prune,
-    save_weights,
-    unflatten_optimizer,
-    write_checkpoint,
-)
+from .checkpoint import Checkpoint, nonfinite, save_weights, unflatten_optimizer, write_checkpoint
 from .config import TrainConfig, parse_config
 from .console import Console, resolve_mode
-from .data import Split, eval_batches, load_mnist, missing_files, train_batches, train_sampler, download
-from .distributed import gather_rng, make_accelerator, restore_rng, shutdown
-from .engine import Engine, make_sgd, match_param_layout, tune_for_device
-from .errors import DistmnistError, RunFailed, cli
+from .data import Split, eval_batches, load_data, train_batches, train_sampler
+from .distributed import (agree, disagreeing_ranks, gather_rng, init_trackers, make_accelerator, restore_rng,
+                          shutdown, tensors_digest)
+from .engine import Carry, Engine, make_sgd, match_param_layout, tune_for_device
+from .errors import DistmnistError, RunFailed, RunStopped, cli, signal_name
 from .model import Net, parameter_count
+from .rundir import RunFolder, Start, prune, share_start
+from .signals import DIVERGED, StopRequests
+from .timing import seconds_since_process_start
 
 RESIDENT_HEADROOM = 4  # keep the data set on the GPU only if 4x its size is free
 
 
-def load_data(cfg: TrainConfig, accelerator) -> tuple[Split, Split]:
-    """Read MNIST on every rank; if it must be downloaded, the main process does it first."""
-    data_dir = Path(cfg.data_dir)
-    if missing_files(data_dir):
-        if cfg.no_download:
-            load_mnist(data_dir, allow_download=False)  # raises, naming the missing files, on every rank
-        with accelerator.main_process_first():
-            if accelerator.is_main_process:
-                download(data_dir)
-    train, test = load_mnist(data_dir, allow_download=False)
-    return train.head(cfg.limit_train), test.head(cfg.limit_test)
-
-
 def choose_paths(cfg: TrainConfig, accelerator, train: Split) -> tuple[bool, bool, list[str]]:
     """(resident data, CUDA graphs, notices) from the flags and what the hardware allows."""
+    import os
+
     notices = []
     cuda = accelerator.device.type == "cuda"
     resident = cfg.data_path != "loader"
@@ -84,19 +70,6 @@ def choose_paths(cfg: TrainConfig, accelerator, train: Split) -> tuple[bool, boo
     return resident, graphs, notices
 
 
-def resume_from(cfg: TrainConfig, console: Console) -> Checkpoint | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        ckpt = newest_valid(cfg.output_dir, console.notice)
-        if ckpt is None:
-            console.notice(f"--resume auto: no valid checkpoint in {cfg.output_dir}, starting fresh")
-        return ckpt
-    if not Path(cfg.resume).exists():
-        raise DistmnistError(f"--resume: no such checkpoint folder: {cfg.resume}")
-    return load_checkpoint(cfg.resume)
-
-
 def versions(accelerator) -> dict[str, str]:
     import accelerate
 
@@ -107,77 +80,132 @@ def versions(accelerator) -> dict[str, str]:
     }
 
 
+def claim_folder(cfg: TrainConfig, accelerator) -> tuple[RunFolder | None, Start]:
+    """The main process takes the output folder and decides how the run starts; every rank gets the
+    decision (and the checkpoint's whole content) from it, or every rank exits with its error."""
+    folder, start, error = None, None, None
+    if accelerator.is_main_process:
+        folder = RunFolder(cfg.output_dir)
+        try:
+            folder.acquire()
+            start = folder.start(cfg.resume, cfg.overwrite, cfg.epochs, cfg.to_dict())
+            if not start.complete:  # a finished run resumed again rewrites nothing, not even this
+                folder.describe_holder(start.run_id)
+        except DistmnistError as err:
+            folder.release(failed_start=True)
+            error = err
+    agree(accelerator, error)
+    return folder, share_start(accelerator, start)
+
+
 @dataclass
 class Run:
-    """Everything one training run holds once set up; the epoch loop only reads and advances it."""
+    """What set-up builds; the epoch loop reads it and owns everything that changes."""
 
     cfg: TrainConfig
     accelerator: Any
     console: Console
+    folder: RunFolder | None  # the main process's hold on the output folder; None on other ranks
+    start: Start
     model: Any
     optimizer: Any
     engine: Engine
     sampler: Any
     batches: Any
     test_batches: list
-    output_dir: Path
+    carry: Carry | None  # an epoch interrupted in its middle, resumed at its exact step
     versions: dict[str, str]
-    start_epoch: int = 0
-    global_step: int = 0
-    history: list[dict] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)  # when main() began, for run.json
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, summed over epochs
+    timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
 
 
-def setup(cfg: TrainConfig) -> Run:
+def already_complete(accelerator, console: Console, folder: RunFolder | None, start: Start) -> list[dict[str, Any]]:
+    """A finished run resumed again (a requeued job, a rerun script): train nothing, rewrite nothing."""
+    ckpt = start.checkpoint
+    console.print(f"run {start.run_id} is already complete at epoch {ckpt.epoch}, nothing trained")
+    error = None
+    if folder is not None:
+        try:
+            if not folder.final_weights().exists():  # it stopped after its last checkpoint, before its final weights
+                console.notice(f"writing the missing {folder.final_weights()} from {ckpt.path}")
+                save_weights(ckpt.model, folder.final_weights())
+        except DistmnistError as err:
+            error = err
+        folder.release()
+    agree(accelerator, error)
+    shutdown(accelerator)
+    return list(ckpt.state["metrics"])
+
+
+def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
+    """Everything the loop needs; or, for a run that is already complete, its history (nothing to set up)."""
     marks = [time.perf_counter()]  # phase boundaries, reported in run.json
-    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout, cfg.log_with, cfg.output_dir)
+    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout, cfg.log_with,
+                                   project_dir=str(RunFolder(cfg.output_dir).logs()))
+    stop.accelerator = accelerator
     console = Console(resolve_mode(cfg.progress, accelerator.is_main_process))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
 
     marks.append(time.perf_counter())
-    train, test = load_data(cfg, accelerator)
-    resident, graphs, notices = choose_paths(cfg, accelerator, train)
-    ckpt = resume_from(cfg, console)
+    folder, start = claim_folder(cfg, accelerator)
+    if start.complete:
+        return already_complete(accelerator, console, folder, start)
+    try:
+        train, test = load_data(accelerator, cfg.data_dir, cfg.no_download, cfg.limit_train, cfg.limit_test)
+        resident, graphs, notices = choose_paths(cfg, accelerator, train)
+    except DistmnistError:
+        if folder is not None:
+            folder.release(failed_start=not folder.holds_run())
+        raise
+    notices = start.notices + notices
+    ckpt = start.checkpoint
     marks.append(time.perf_counter())
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = Net()
-    model = tune_for_device(model, device)
+    model = tune_for_device(Net(), device)
     optimizer = make_sgd(model, cfg.lr, cfg.momentum, device)
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(cfg.seed + rank)  # distinct dropout masks per rank
+    same_world = True
     if ckpt is not None:
         state = unflatten_optimizer(ckpt.optimizer, ckpt.state["optimizer_param_groups"])
-        for group in state["param_groups"]:  # the kernel choice belongs to this device, not the checkpoint's
-            group.update(fused=optimizer.param_groups[0]["fused"], foreach=optimizer.param_groups[0]["foreach"])
+        for group in state["param_groups"]:
+            # the kernel choice belongs to this device, and the command line wins over the checkpoint
+            group.update(fused=optimizer.param_groups[0]["fused"], foreach=optimizer.param_groups[0]["foreach"],
+                         lr=cfg.lr, momentum=cfg.momentum)
         optimizer.load_state_dict(state)
         match_param_layout(optimizer)
-        if not restore_rng(accelerator, ckpt.rng):
+        same_world = restore_rng(accelerator, ckpt.rng)
+        if not same_world:
             notices.append(f"checkpoint was written by {ckpt.rng['cpu'].shape[0]} processes, this run has {world}: "
                            "random streams restart from the seed (weights and optimizer state are restored)")
 
     marks.append(time.perf_counter())
     sampler = train_sampler(len(train), world, rank, cfg.seed)
+    batches = train_batches(train, sampler, cfg.batch_size, device, resident)
+    carry = None
+    if ckpt is not None and ckpt.mid_epoch:
+        carry, why = resume_point(ckpt, cfg, world, rank, len(batches))
+        if carry is None:
+            notices.append(f"{ckpt.path.name} stopped in the middle of epoch {ckpt.epoch}, but {why}: epoch "
+                           f"{ckpt.epoch} restarts from its first step")
     run = Run(
-        cfg=cfg, accelerator=accelerator, console=console, model=model, optimizer=optimizer,
-        engine=Engine(accelerator, model, optimizer, cuda_graphs=graphs),
-        sampler=sampler,
-        batches=train_batches(train, sampler, cfg.batch_size, device, resident),
-        test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device),
-        output_dir=Path(cfg.output_dir),
+        cfg=cfg, accelerator=accelerator, console=console, folder=folder, start=start, model=model,
+        optimizer=optimizer, engine=Engine(accelerator, model, optimizer, cuda_graphs=graphs), sampler=sampler,
+        batches=batches, test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device), carry=carry,
         versions=versions(accelerator),
     )
+    run.engine.stop = stop
     marks.append(time.perf_counter())
     run.timings.update({f"setup_{name}": b - a for name, a, b in
                         zip(("accelerator", "data", "model", "batches"), marks, marks[1:])})
-    if ckpt is not None:
-        run.start_epoch, run.global_step, run.history = ckpt.epoch, int(ckpt.state["step"]), list(ckpt.state["metrics"])
 
+    first = first_epoch(run)
+    resumed = f" (resumed from {ckpt.path}" + (f" at step {carry.step}" if carry else "") + ")" if ckpt else ""
     console.plan(
         [
+            ("run", f"{start.run_id}" + (" (continued)" if ckpt else "")),
             ("device", f"{world} x {run.versions['device']} ({device.type})"),
             ("world size", str(world)),
             ("precision", cfg.mixed_precision),
@@ -186,7 +214,7 @@ def setup(cfg: TrainConfig) -> Run:
             ("data", f"{len(train):,} train / {len(test):,} test images from {cfg.data_dir}"),
             ("data path", "resident on device" if resident else "DataLoader"),
             ("CUDA graphs", "on" if graphs else "off"),
-            ("epochs", f"{run.start_epoch + 1}..{cfg.epochs}" + (f" (resumed from {ckpt.path})" if ckpt else "")),
+            ("epochs", f"{first}..{cfg.epochs}{resumed}"),
             ("model", f"Net, {parameter_count(model):,} parameters"),
             ("output", cfg.output_dir),
         ],
@@ -197,19 +225,60 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
-def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
-    """Train, evaluate and return the epoch's metrics record (global numbers, same on every rank)."""
+def resume_point(ckpt: Checkpoint, cfg: TrainConfig, world: int, rank: int, steps: int) -> tuple[Carry | None, str]:
+    """Where a mid-epoch checkpoint resumes: its exact step, or (None, why not) when the batches differ."""
+    mid = ckpt.mid_epoch
+    if mid["world_size"] != world:
+        return None, f"it ran with {mid['world_size']} processes and this run has {world}"
+    if mid["batch_size"] != cfg.batch_size or mid["steps"] != steps:
+        return None, (f"its epoch had {mid['steps']} steps of {mid['batch_size']} images per process and this one "
+                      f"has {steps} of {cfg.batch_size}")
+    return Carry(step=mid["step"], loss_sum=float(ckpt.progress["loss_sum"][rank]),
+                 samples=int(ckpt.progress["samples"][rank]), seconds=float(mid.get("train_seconds", 0.0))), ""
+
+
+def first_epoch(run: Run) -> int:
+    ckpt = run.start.checkpoint
+    return 1 if ckpt is None else ckpt.epochs_done + 1
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class Progress:
+    """What the loop advances: the run's history so far and where it stands."""
+
+    history: list[dict[str, Any]]
+    step: int  # optimizer steps so far (per rank)
+    newest: str | None  # the newest checkpoint written or resumed from (for messages)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | None:
+    """Train and evaluate one epoch; the metrics record (global numbers, same on every rank), or None
+    if the ranks agreed to stop in the middle (then its position has been saved)."""
     cfg, world = run.cfg, run.accelerator.num_processes
     run.sampler.set_epoch(epoch)
-    with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world) as progress:
-        stats = run.engine.train_epoch(run.batches, progress)
+    carry = run.carry if epoch == first_epoch(run) else None
+    with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world) as bar:
+        stats = run.engine.train_epoch(run.batches, bar, carry)
+    progress.step += stats.steps
+    if stats.stop == DIVERGED or not math.isfinite(stats.loss):
+        raise diverged(run, progress, f"the training loss became non-finite in epoch {epoch}"
+                       + (f" (by step {stats.epoch_step} of {len(run.batches)})" if stats.stop else ""))
+    if stats.stop:
+        save_position(run, epoch, stats, progress)
+        raise RunStopped(f"stopped by {signal_name(stats.stop)} at epoch {epoch} step {stats.epoch_step}/"
+                         f"{len(run.batches)}; checkpoint {progress.newest}; `--resume auto` continues",
+                         stats.stop, silent=not run.accelerator.is_main_process)
     eval_start = time.perf_counter()
     result = run.engine.evaluate(run.test_batches)  # ends in a host read: the time is complete
     eval_seconds = time.perf_counter() - eval_start
-    run.global_step += stats.steps
     return {
         "epoch": epoch,
-        "step": run.global_step,
+        "step": progress.step,
+        "lr": run.optimizer.param_groups[0]["lr"],
         "train_loss": stats.loss,
         "train_samples": stats.samples,
         "train_seconds": stats.seconds,
@@ -224,76 +293,160 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     }
 
 
-def save_epoch(run: Run, record: dict[str, Any]) -> None:
-    """Every rank gathers RNG state and meets at the barriers; only the main process writes."""
+def diverged(run: Run, progress: Progress, what: str) -> RunFailed:
+    newest = f"newest finite checkpoint: {progress.newest}" if progress.newest else "no checkpoint was written"
+    return RunFailed(f"training diverged: {what}; nothing of it was saved; {newest} (try a lower --lr)",
+                     silent=not run.accelerator.is_main_process)
+
+
+def checked_state(run: Run, progress: Progress, when: str) -> tuple[dict, dict]:
+    """Weights and optimizer state, after checking that they are finite and identical on every rank."""
+    accelerator = run.accelerator
+    weights = accelerator.unwrap_model(run.model).state_dict()
+    optimizer = run.optimizer.state_dict()
+    bad = nonfinite(weights)
+    if bad:  # the same on every rank: DDP keeps the replicas equal
+        raise diverged(run, progress, f"the weights became non-finite ({', '.join(bad)}) {when}")
+    state = optimizer["state"]  # keyed by parameter index; its order depends on how it was loaded, so sort
+    tensors = list(weights.values()) + [state[i][name] for i in sorted(state) for name in sorted(state[i])
+                                        if isinstance(state[i][name], torch.Tensor)]
+    drifted = disagreeing_ranks(accelerator, tensors_digest(tensors))
+    if drifted:
+        names = ", ".join(f"rank {r} on {h}" for r, h in drifted)
+        raise RunFailed(f"replicas drifted apart {when}: the weights or optimizer state of {names} differ from rank "
+                        "0's; nothing was saved", silent=not accelerator.is_main_process)
+    return weights, optimizer
+
+
+def save_position(run: Run, epoch: int, stats, progress: Progress) -> None:
+    """A mid-epoch checkpoint: position, every rank's RNG state and running sums (every rank calls)."""
+    accelerator, world = run.accelerator, run.accelerator.num_processes
+    weights, optimizer = checked_state(run, progress, f"at epoch {epoch} step {stats.epoch_step}")
+    rng = gather_rng(accelerator)
+    sums = accelerator.gather(run.engine.loss_sum.float().reshape(1)).cpu()
+    counts = accelerator.gather(torch.tensor([run.engine.samples], dtype=torch.int64, device=accelerator.device)).cpu()
+    error = None
+    if run.folder is not None:
+        path = run.folder.checkpoint_path(epoch, stats.epoch_step)
+        state = {**base_state(run, progress, epoch), "mid_epoch": {
+            "step": stats.epoch_step, "steps": len(run.batches), "batch_size": run.cfg.batch_size,
+            "world_size": world, "train_seconds": stats.seconds}}
+        try:
+            write_checkpoint(path, weights, optimizer, rng, state, {"loss_sum": sums, "samples": counts})
+            prune(run.folder.path, run.start.run_id, run.cfg.keep_checkpoints, path)
+            progress.newest = str(path)
+        except DistmnistError as err:
+            error = err
+    agree(accelerator, error)
+
+
+def base_state(run: Run, progress: Progress, epoch: int) -> dict[str, Any]:
+    return {"run_id": run.start.run_id, "epoch": epoch, "step": progress.step,
+            "world_size": run.accelerator.num_processes, "config": run.cfg.to_dict(),
+            "config_history": run.start.config_history or [{"from_epoch": 1, "from_step": 0,
+                                                            "config": run.cfg.to_dict()}],
+            "metrics": progress.history, "versions": run.versions}
+
+
+def save_epoch(run: Run, record: dict[str, Any], progress: Progress) -> None:
+    """Check, gather, and let the main process write; a failed write ends every rank together."""
     accelerator = run.accelerator
     start = time.perf_counter()
+    weights, optimizer = checked_state(run, progress, f"after epoch {record['epoch']}")
     rng = gather_rng(accelerator)  # a collective: every rank
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"epoch": record["epoch"], "step": run.global_step, "world_size": accelerator.num_processes,
-                 "config": run.cfg.to_dict(), "metrics": run.history, "versions": run.versions}
-        write_checkpoint(checkpoint_dir(run.output_dir, record["epoch"]),
-                         accelerator.unwrap_model(run.model).state_dict(), run.optimizer.state_dict(), rng, state)
-        with open(run.output_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        prune(run.output_dir, run.cfg.keep_checkpoints)  # only once the new checkpoint is complete
-    accelerator.wait_for_everyone()
-    run.timings["checkpoint"] = run.timings.get("checkpoint", 0.0) + time.perf_counter() - start
+    error = None
+    if run.folder is not None:
+        path = run.folder.checkpoint_path(record["epoch"])
+        try:
+            write_checkpoint(path, weights, optimizer, rng, base_state(run, progress, record["epoch"]))
+            run.folder.write_metrics(progress.history)
+            prune(run.folder.path, run.start.run_id, run.cfg.keep_checkpoints, path)  # only once it is complete
+            progress.newest = str(path)
+        except DistmnistError as err:
+            error = err
+    agree(accelerator, error)
+    progress.timings["checkpoint"] = progress.timings.get("checkpoint", 0.0) + time.perf_counter() - start
 
 
-def fit(run: Run) -> None:
-    cfg, accelerator = run.cfg, run.accelerator
-    if accelerator.is_main_process:
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        (run.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        # metrics.jsonl always matches the checkpoint the run continues from
-        (run.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.history))
-    run.timings["setup"] = time.perf_counter() - run.started
-    accelerator.init_trackers("distmnist", config=cfg.to_dict())  # main process only; no-op without --log-with
-    for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
-        record = train_one_epoch(run, epoch)
-        run.history.append(record)
-        save_epoch(run, record)
-        accelerator.log(record, step=epoch)
-        run.console.epoch_done(record, cfg.epochs)
-    if accelerator.is_main_process:
-        save_weights(accelerator.unwrap_model(run.model).state_dict(), run.output_dir / "model.safetensors")
-        write_run_summary(run)
-    accelerator.wait_for_everyone()
+def begin(run: Run, progress: Progress) -> None:
+    """Record the config that runs now and the history it continues (main process), then meet."""
+    error = None
+    if run.folder is not None:
+        try:
+            run.folder.write_config(run.cfg.to_dict(), run.start.run_id)
+            run.folder.write_metrics(progress.history)  # always matches the checkpoint the run continues from
+        except DistmnistError as err:
+            error = err
+    agree(run.accelerator, error)
 
 
-def seconds_since_process_start() -> float | None:
-    """Wall seconds since this process was started (interpreter and imports included); Linux only."""
+def finish(run: Run, progress: Progress, started: float) -> None:
+    error = None
+    if run.folder is not None:
+        try:
+            save_weights(run.accelerator.unwrap_model(run.model).state_dict(), run.folder.final_weights())
+            run.folder.write_summary(summary(run, progress, started))
+        except DistmnistError as err:
+            error = err
+    agree(run.accelerator, error)
+
+
+def fit(run: Run, stop: StopRequests, started: float) -> list[dict[str, Any]]:
+    """The epoch loop; returns the run's history (every epoch's record, resumed ones included)."""
+    cfg, accelerator, ckpt = run.cfg, run.accelerator, run.start.checkpoint
+    progress = Progress(history=list(ckpt.state["metrics"]) if ckpt else [], step=int(ckpt.state["step"]) if ckpt else 0,
+                        newest=str(ckpt.path) if ckpt else None)
+    if run.carry is None and ckpt is not None and ckpt.mid_epoch:
+        progress.step -= ckpt.mid_epoch["step"]  # the interrupted epoch restarts from its first step
+    begin(run, progress)
+    init_trackers(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict())
+    progress.timings["setup"] = time.perf_counter() - started
+    epoch = first_epoch(run)
     try:
-        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+        for epoch in range(first_epoch(run), cfg.epochs + 1):
+            record = train_epoch(run, epoch, progress)
+            progress.history.append(record)
+            save_epoch(run, record, progress)
+            accelerator.log(record, step=epoch)
+            run.console.epoch_done(record, cfg.epochs)
+            code = stop.agreed() if epoch < cfg.epochs else 0  # a signal during evaluation or the save
+            if code == DIVERGED:
+                raise diverged(run, progress, f"the loss became non-finite in epoch {epoch}")
+            if code:
+                raise RunStopped(f"stopped by {signal_name(code)} at the end of epoch {epoch}; checkpoint "
+                                 f"{progress.newest}; `--resume auto` continues", code,
+                                 silent=not accelerator.is_main_process)
+    except KeyboardInterrupt:  # the second SIGINT: out at once, from wherever the loop was
+        newest = f"newest checkpoint {progress.newest}; `--resume auto` continues from it" if progress.newest else \
+            "no checkpoint was written yet"
+        raise RunStopped(f"aborted by a second SIGINT in epoch {epoch}; {newest}", signal.SIGINT,
+                         silent=not accelerator.is_main_process) from None
+    finish(run, progress, started)
+    return progress.history
 
 
-def write_run_summary(run: Run) -> None:
-    """OUTPUT_DIR/run.json: what ran where, and where the wall time of this invocation went."""
-    new = [r for r in run.history if r["epoch"] > run.start_epoch]
-    summary = {
+def summary(run: Run, progress: Progress, started: float) -> dict[str, Any]:
+    """run.json: what ran where, with which config over which epochs, and where the wall time went."""
+    new = [r for r in progress.history if r["epoch"] >= first_epoch(run)]
+    return {
+        "run_id": run.start.run_id,
         "versions": run.versions,
         "world_size": run.accelerator.num_processes,
         "config": run.cfg.to_dict(),
+        "config_history": run.start.config_history or [{"from_epoch": 1, "from_step": 0, "config": run.cfg.to_dict()}],
         "epochs_run": len(new),
-        "final": run.history[-1] if run.history else None,
+        "final": progress.history[-1] if progress.history else None,
         "seconds": {
             "process": seconds_since_process_start(),  # interpreter start -> now, imports included
-            "main": time.perf_counter() - run.started,  # main() -> now
-            "setup": run.timings.get("setup", 0.0),  # config, Accelerator, data, model, resume
+            "main": time.perf_counter() - started,  # main() -> now
+            "setup": progress.timings.get("setup", 0.0),  # config, Accelerator, folder, data, model, resume
             **{k: v for k, v in run.timings.items() if k.startswith("setup_")},  # its parts
             "train": sum(r["train_seconds"] for r in new),
             "capture": sum(r["capture_seconds"] for r in new),
             "eval": sum(r["eval_seconds"] for r in new),
-            "checkpoint": run.timings.get("checkpoint", 0.0),
+            "checkpoint": progress.timings.get("checkpoint", 0.0),
         },
     }
-    (run.output_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def is_collective_failure(err: BaseException) -> bool:
@@ -304,14 +457,25 @@ def is_collective_failure(err: BaseException) -> bool:
     return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
 
 
-@cli
-def main(argv: Sequence[str] | None = None) -> int:
-    wall_start = time.perf_counter()
-    cfg = parse_config(argv)
+def run_training(cfg: TrainConfig, started: float | None = None, stop: StopRequests | None = None) -> list[dict[str, Any]]:
+    """Set up, train, tear down; the history of epoch records. Errors are DistmnistError subclasses.
+
+    ``stop``: signal handling owned by the caller (the command keeps it until the process exits, so a
+    launcher's late SIGTERM during exit cannot turn a clean exit code into a death by signal);
+    without it the handlers are installed for the run and restored after it.
+    """
+    started = time.perf_counter() if started is None else started
+    own = stop is None
+    stop = StopRequests().install() if own else stop
+    run = None
     try:
-        run = setup(cfg)  # inside: a peer can already die in the collectives of set-up (DDP's broadcast)
-        run.started = wall_start
-        fit(run)
+        run = setup(cfg, stop)  # inside: a peer can already die in the collectives of set-up (DDP's broadcast)
+        if not isinstance(run, Run):
+            return run  # already complete
+        history = fit(run, stop, started)
+        run.console.summary(history, str(cfg.output_dir), time.perf_counter() - started)
+        shutdown(run.accelerator)
+        return history
     except (RuntimeError, torch.distributed.DistError) as err:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(err):
@@ -320,8 +484,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"within --dist-timeout {cfg.dist_timeout:g} s (a rank hung or died): {str(err).splitlines()[0]}"
             ) from None
         raise
-    run.console.summary(run.history, str(run.output_dir), time.perf_counter() - run.started)
-    shutdown(run.accelerator)
+    finally:
+        if own:
+            stop.uninstall()
+        if isinstance(run, Run) and run.folder is not None:
+            run.folder.release()
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    run_training(parse_config(argv), started, StopRequests().install())
     return 0
 
 

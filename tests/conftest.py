@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -90,3 +91,23 @@ def accelerate_launch(nproc: int, module: str, *args: str, timeout: float = 300,
            "-m", f"distmnist.{module}", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env=env(ACCELERATE_USE_CPU="1"), **kw)
+
+
+def distmnist_tracebacks(text: str) -> list[str]:
+    """Tracebacks out of distmnist's own code in a launcher's output. (torchrun and accelerate launch
+    report a worker's non-zero exit, and a signal to themselves, with a traceback of their own: not ours.)"""
+    return [block for block in text.split("Traceback (most recent call last):")[1:]
+            if re.search(r'File "[^"]*[/\\]distmnist[/\\]\w+\.py"', block) or "KeyboardInterrupt" in block]
+
+
+def worker_exit(stderr: str) -> int:
+    """The exit code of the failed worker that torchrun / accelerate launch name as the root cause. When
+    one worker fails the launcher SIGTERMs the others, so their own codes may read -15: only the first
+    observed failure tells what the job did. Every other reported code must be that one or -15."""
+    _, _, root = stderr.partition("Root Cause (first observed failure):")
+    match = re.search(r"exitcode\s*: (-?\d+)", root)
+    assert match, stderr[-3000:]
+    code = int(match.group(1))
+    others = {int(c) for c in re.findall(r"exitcode\s*: (-?\d+)", stderr)}
+    assert others <= {code, -15}, stderr[-3000:]
+    return code

@@ -10,19 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from distmnist.checkpoint import (
-    checkpoint_dir,
-    list_checkpoints,
-    load_checkpoint,
-    load_weights,
-    newest_valid,
-    prune,
-    save_weights,
-    unflatten_optimizer,
-    write_checkpoint,
-)
+from distmnist.checkpoint import load_checkpoint, load_weights, save_weights, unflatten_optimizer, write_checkpoint
 from distmnist.errors import DistmnistError
 from distmnist.model import Net, parameter_count, to_input
+from distmnist.rundir import checkpoint_name, newest_valid, prune, scan
 
 KEYS = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 
@@ -89,14 +80,20 @@ def trained_state(seed: int = 0):
         F.nll_loss(model(x), torch.tensor([1, 2, 3, 4])).backward()
         opt.step()
     rng = {"cpu": torch.stack([torch.get_rng_state(), torch.get_rng_state()])}
-    state = {"epoch": 3, "step": 42, "world_size": 2, "config": {"lr": 0.01}, "metrics": [{"epoch": 1}]}
+    state = {"run_id": "run-a", "epoch": 3, "step": 42, "world_size": 2, "config": {"lr": 0.01}, "metrics": [record(1)]}
     return model, opt, rng, state
+
+
+def record(epoch: int) -> dict:
+    """An epoch's metrics record with every field a resumed run reads back."""
+    return {"epoch": epoch, "step": 14 * epoch, "train_loss": 0.5, "train_samples": 600, "train_seconds": 1.5,
+            "test_loss": 0.4, "test_accuracy": 0.9, "test_correct": 225, "test_samples": 250, "world_size": 2}
 
 
 def write(tmp_path, epoch=3, model_state=None, seed=0):
     model, opt, rng, state = trained_state(seed)
     weights = model.state_dict() if model_state is None else model_state
-    path = write_checkpoint(checkpoint_dir(tmp_path / "run", epoch), weights, opt.state_dict(), rng,
+    path = write_checkpoint(tmp_path / "run" / "checkpoints" / checkpoint_name(epoch), weights, opt.state_dict(), rng,
                             {**state, "epoch": epoch})
     return path, model, opt, rng
 
@@ -106,7 +103,8 @@ def test_round_trip_restores_every_tensor_and_the_state(tmp_path):
     assert path == tmp_path / "run" / "checkpoints" / "epoch-0003"
     ckpt = load_checkpoint(path)
     assert ckpt.epoch == 3 and ckpt.state["step"] == 42 and ckpt.state["world_size"] == 2
-    assert ckpt.state["metrics"] == [{"epoch": 1}] and ckpt.state["config"] == {"lr": 0.01}
+    assert ckpt.state["metrics"] == [record(1)] and ckpt.state["config"] == {"lr": 0.01}
+    assert ckpt.run_id == "run-a" and ckpt.mid_epoch is None and ckpt.epochs_done == 3
     assert list(ckpt.model) and set(ckpt.model) == set(KEYS)
     for key, value in model.state_dict().items():
         assert torch.equal(ckpt.model[key], value)
@@ -239,12 +237,13 @@ def test_newest_valid_skips_broken_checkpoints_and_prune_keeps_the_newest(tmp_pa
     for epoch in (1, 2, 3):
         write(tmp_path, epoch=epoch, seed=epoch)
     run = tmp_path / "run"
-    assert [p.name for p in list_checkpoints(run)] == ["epoch-0003", "epoch-0002", "epoch-0001"]
+    assert [e.path.name for e in scan(run)] == ["epoch-0003", "epoch-0002", "epoch-0001"]
     (run / "checkpoints" / "epoch-0003" / "manifest.json").unlink()  # as if a save was interrupted
     warnings = []
-    ckpt = newest_valid(run, warnings.append)
+    ckpt = newest_valid(run, "run-a", warnings.append)
     assert ckpt is not None and ckpt.epoch == 2
     assert len(warnings) == 1 and "epoch-0003" in warnings[0]
-    assert [p.name for p in prune(run, keep=1)] == ["epoch-0002", "epoch-0001"]
-    assert [p.name for p in list_checkpoints(run)] == ["epoch-0003"]
-    assert prune(run, keep=0) == []
+    newest = run / "checkpoints" / "epoch-0003"
+    assert [p.name for p in prune(run, "run-a", keep=1, just_written=newest)] == ["epoch-0002", "epoch-0001"]
+    assert [e.path.name for e in scan(run)] == ["epoch-0003"]
+    assert prune(run, "run-a", keep=0, just_written=newest) == []

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, env, run_module, write_mnist
-from distmnist.checkpoint import (list_checkpoints, load_checkpoint, load_weights, read_tensors, sha256, verify,
-                                  write_checkpoint)
+from distmnist.checkpoint import load_checkpoint, load_weights, read_tensors, sha256, verify, write_checkpoint
 from distmnist.errors import DistmnistError
 from distmnist.model import Net
+from distmnist.rundir import scan
 
 FAST = ("--progress", "plain", "--batch-size", "50")
 
@@ -44,7 +44,7 @@ def weights_bytes(out: Path) -> bytes:
 
 # ---------------------------------------------------------------- item 1: SIGKILL during a save
 
-# Runs distmnist.train.main in this process after wrapping one function of distmnist.checkpoint so
+# Runs distmnist.train.main in this process after wrapping one function used by distmnist.checkpoint so
 # that the process SIGKILLs itself in the middle of a save: nothing in distmnist knows about it.
 DRIVER = textwrap.dedent(
     """
@@ -55,18 +55,18 @@ DRIVER = textwrap.dedent(
     mode, at = sys.argv[1], int(sys.argv[2])
     calls = 0
 
-    if mode == "save_file":  # the at-th tensor file of the run reaches the disk half-written, then death
-        real_save = ckpt.save_file
+    if mode == "write_bytes":  # the at-th file of the run's checkpoints reaches the disk half-written, then death
+        real_write = ckpt.write_bytes
 
-        def save_file(tensors, filename, *args, **kwargs):
+        def write_bytes(path, data, *args, **kwargs):
             global calls
             calls += 1
-            real_save(tensors, filename, *args, **kwargs)
             if calls == at:
-                os.truncate(filename, os.path.getsize(filename) // 2)
+                real_write(path, data[: len(data) // 2], *args, **kwargs)
                 os.kill(os.getpid(), signal.SIGKILL)
+            return real_write(path, data, *args, **kwargs)
 
-        ckpt.save_file = save_file
+        ckpt.write_bytes = write_bytes
     elif mode == "rmtree":  # pruning dies after deleting one file of the old checkpoint
         real_rmtree = ckpt.shutil.rmtree
 
@@ -106,8 +106,9 @@ def runs(data, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedPr
     keep = ("--epochs", "3", "--keep-checkpoints", "1")
     results = side_by_side({
         "trained": [sys.executable, "-m", "distmnist.train", *train_args(data, outs["trained"], "--epochs", "3")],
-        # save_file calls 1-3 write epoch 1's three tensor files; call 5 is epoch 2's optimizer.safetensors
-        "died-saving": [sys.executable, "-c", DRIVER, "save_file", "5", *train_args(data, outs["died-saving"], *keep)],
+        # write_bytes calls 1-5 write epoch 1's files (model, optimizer, rng, state, manifest); call 7 is epoch
+        # 2's optimizer.safetensors
+        "died-saving": [sys.executable, "-c", DRIVER, "write_bytes", "7", *train_args(data, outs["died-saving"], *keep)],
         "died-pruning": [sys.executable, "-c", DRIVER, "rmtree", "0", *train_args(data, outs["died-pruning"], *keep)],
     })
     return {name: (outs[name], results[name]) for name in outs}
@@ -135,7 +136,7 @@ def test_sigkill_while_writing_epoch_2_keeps_epoch_1_and_resume_auto_finishes(da
     # epoch 1 is intact, --keep-checkpoints 1 did not delete it before epoch 2 was complete
     verify(root / "epoch-0001")
     assert load_checkpoint(root / "epoch-0001").epoch == 1
-    assert list_checkpoints(out) == [root / "epoch-0001"]  # the temp folder is never a candidate
+    assert [e.path for e in scan(out)] == [root / "epoch-0001"]  # the temp folder is never a candidate
 
     resumed = run_module("train", *train_args(data, out, "--epochs", "3", "--keep-checkpoints", "1",
                                               "--resume", "auto"))
@@ -176,7 +177,7 @@ def test_a_save_removes_temp_folders_left_by_crashed_saves(tmp_path):
     (leftover / "model.safetensors").write_bytes(b"half")
     net = Net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    state = {"epoch": 2, "step": 10, "metrics": [{"epoch": 1}, {"epoch": 2}]}
+    state = {"epoch": 2, "step": 10, "metrics": []}
     write_checkpoint(root / "epoch-0002", net.state_dict(), optimizer.state_dict(),
                      {"cpu": torch.get_rng_state().unsqueeze(0)}, state)
     assert sorted(p.name for p in root.iterdir()) == ["epoch-0002"]

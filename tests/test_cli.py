@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 
 import pytest
@@ -95,7 +97,7 @@ def test_log_with_sends_the_config_and_every_epoch_to_the_tracker(monkeypatch, m
 
     from distmnist.train import main as train_main
 
-    seen = {}
+    seen = []
 
     class Recorder(GeneralTracker):
         name = "recorder"
@@ -103,27 +105,38 @@ def test_log_with_sends_the_config_and_every_epoch_to_the_tracker(monkeypatch, m
 
         def __init__(self, run_name, logging_dir, **kwargs):
             super().__init__()
-            seen.update(run_name=run_name, logging_dir=str(logging_dir), logs=[])
+            seen.append({"run_name": run_name, "logging_dir": str(logging_dir), "logs": []})
 
         @property
         def tracker(self):
             return self
 
         def store_init_configuration(self, values):
-            seen["config"] = values
+            seen[-1]["config"] = values
 
         def log(self, values, step=None, **kwargs):
-            seen["logs"].append((step, values))
+            seen[-1]["logs"].append((step, values))
 
         def finish(self):
-            seen["finished"] = True
+            seen[-1]["finished"] = True
 
     monkeypatch.setitem(LOGGER_TYPE_TO_CLASS, "recorder", Recorder)
     out = tmp_path / "run"
-    assert train_main(["--data-dir", str(mnist_dir), "--no-download", "--epochs", "2", "--limit-train", "200",
-                       "--output-dir", str(out), "--progress", "none", "--log-with", "recorder"]) == 0
-    assert seen["run_name"] == "distmnist" and seen["logging_dir"] == str(out)
-    assert seen["config"]["log_with"] == "recorder" and seen["config"]["epochs"] == 2
-    assert [step for step, _ in seen["logs"]] == [1, 2]
-    assert {"train_loss", "test_loss", "test_accuracy", "train_samples_per_second"} <= set(seen["logs"][0][1])
-    assert seen["finished"]
+    args = ["--data-dir", str(mnist_dir), "--no-download", "--limit-train", "200", "--output-dir", str(out),
+            "--progress", "none", "--log-with", "recorder"]
+    assert train_main([*args, "--epochs", "2"]) == 0
+    run_id = json.loads((out / "config.json").read_text())["run_id"]
+    first = seen[0]
+    assert first["run_name"] == run_id and first["logging_dir"] == str(out / "logs")  # one folder per run
+    assert first["config"]["log_with"] == "recorder" and first["config"]["epochs"] == 2
+    assert first["config"]["run_id"] == run_id
+    assert [step for step, _ in first["logs"]] == [1, 2]
+    assert {"train_loss", "test_loss", "test_accuracy", "train_samples_per_second"} <= set(first["logs"][0][1])
+    assert first["finished"]
+
+    # resumed: the same run name, so its curve continues; a new run in another folder gets a new name
+    assert train_main([*args, "--epochs", "3", "--resume", "auto"]) == 0
+    assert seen[1]["run_name"] == run_id and [step for step, _ in seen[1]["logs"]] == [3]
+    other = tmp_path / "other"
+    assert train_main([*args, "--epochs", "1", "--output-dir", str(other)]) == 0
+    assert seen[2]["run_name"] == json.loads((other / "config.json").read_text())["run_id"] != run_id

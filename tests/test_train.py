@@ -98,7 +98,9 @@ def test_checkpoint_state_describes_the_run(run):
     assert (config["epochs"], config["lr"], config["batch_size"], config["momentum"]) == (2, 0.02, 50, 0.9)
     state = json.loads((run.out / "checkpoints" / "epoch-0002" / "state.json").read_text())
     assert (state["epoch"], state["step"], state["world_size"]) == (2, 24, 1)
+    run_id = config.pop("run_id")
     assert state["config"] == config
+    assert state["run_id"] == run_id == json.loads((run.out / "run.json").read_text())["run_id"]
     assert state["metrics"] == run.metrics  # metrics so far, this epoch's included
     rng = load_file(str(run.out / "checkpoints" / "epoch-0002" / "rng.safetensors"))
     assert rng["cpu"].shape[0] == 1 and rng["cpu"].dtype == torch.uint8  # one row per rank
