@@ -56,7 +56,6 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 ReturnToService=2
-GresTypes=gpu
 JobRequeue=1
 SchedulerParameters=sched_interval=1
 PreemptType=preempt/partition_prio
