@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, ImageSequence
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from .errors import DistmnistError
 
@@ -58,6 +58,8 @@ def open_image(source: str | Path | BinaryIO, name: str, max_pixels: int = MAX_P
         image = Image.open(source)
     except FileNotFoundError:
         raise DistmnistError(f"{name}: no such file") from None
+    except UnidentifiedImageError:  # its text names Python objects, not the file
+        raise DistmnistError(f"{name}: not an image that can be read (PNG, JPEG, GIF, TIFF, ...)") from None
     except Image.DecompressionBombError:  # Pillow's own ceiling (2 x 89M pixels), above ours
         raise ImageTooLarge(f"{name}: over the limit of {max_pixels:,} pixels (--max-pixels); not decoded") from None
     except UNREADABLE as err:  # PIL reports unknown formats as OSError and some broken files as SyntaxError
