@@ -41,10 +41,6 @@ class Limits:
     poll_seconds: float  # how often the run folder is checked for new weights
 
 
-class Full(Exception):
-    """More predict requests in flight than allowed."""
-
-
 def error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
@@ -54,13 +50,14 @@ def create_app(run_dir: Path, data_dir: Path, limits: Limits) -> Starlette:
     served = ServedWeights(run_dir)
     reports = Reports(data_dir)
     workers = anyio.CapacityLimiter(limits.workers)
+    reporting = anyio.CapacityLimiter(1)  # a report takes about a second: it must not hold up predictions
     in_flight = 0
 
     async def watch() -> None:
         while True:
             await anyio.sleep(limits.poll_seconds)
             try:
-                if await anyio.to_thread.run_sync(served.refresh, limiter=workers):
+                if await anyio.to_thread.run_sync(served.refresh):
                     log.warning("now serving %s", served.current.source)
             except Exception:  # a watcher that dies would freeze the model: log and keep watching
                 log.exception("checking %s for new weights failed", run_dir)
@@ -130,7 +127,7 @@ def create_app(run_dir: Path, data_dir: Path, limits: Limits) -> Starlette:
         if weights is None:
             return error(503, f"no weights in {run_dir} yet (no checkpoint that verifies)", **{"Retry-After": "5"})
         try:
-            return JSONResponse(await anyio.to_thread.run_sync(reports.get, weights, run_dir, limiter=workers))
+            return JSONResponse(await anyio.to_thread.run_sync(reports.get, weights, run_dir, limiter=reporting))
         except DistmnistError as err:  # the test set is missing or broken: the server's set-up, not the request
             return error(503, str(err))
 

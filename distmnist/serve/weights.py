@@ -104,7 +104,7 @@ class ServedWeights:
             self.problem = None
             try:
                 found = newest_weights(self.run_dir, self._warn)
-            except DistmnistError as err:  # e.g. a model.safetensors that does not verify: keep serving
+            except (DistmnistError, OSError) as err:  # a file that does not verify, or went while read: keep serving
                 self.problem = f"not loaded, still serving the previous weights: {err}"
                 return False
             if found is None or (self.current is not None and found.key == self.current.key

@@ -64,7 +64,7 @@ function render(run) {
   text("updated", `Updated ${new Date().toLocaleTimeString()}; refreshed every ${POLL_MS / 1000} s while this page is open.`);
   const e = (key) => epochs.map((r) => [r.epoch, r[key]]);
   chart(document.getElementById("chart-loss"), [{ values: e("train_loss"), colour: "#2f6fde" },
-                                               { values: e("test_loss"), colour: "#e67e22" }], (v) => v.toFixed(3));
+                                               { values: e("test_loss"), colour: "#e67e22" }], (v) => String(+v.toPrecision(3)));
   chart(document.getElementById("chart-accuracy"), [{ values: e("test_accuracy").map(([x, y]) => [x, 100 * y]), colour: "#1f8a4c" }],
         (v) => v.toFixed(1) + "%");
   chart(document.getElementById("chart-speed"), [{ values: e("train_samples_per_second"), colour: "#7d3cc8" }],
