@@ -124,3 +124,6 @@ document.addEventListener("keydown", (e) => {
 });
 paint();
 show(null);
+fetch("/api/run").then((r) => r.json()).then((run) => {  // which weights answer, before the first stroke
+  document.getElementById("source").textContent = run.model ? "model: " + run.model.source : "no weights yet";
+}).catch(() => {});
