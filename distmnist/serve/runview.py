@@ -53,8 +53,7 @@ def read_epochs(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plan(run_dir: Path, config: dict | None, summary: dict | None, served: Weights | None,
-         epochs: list[dict]) -> dict[str, Any]:
+def plan(config: dict | None, summary: dict | None, served: Weights | None, epochs: list[dict]) -> dict[str, Any]:
     """World size, device and the recipe, from run.json when the run is done, else from its newest checkpoint."""
     config = config or {}
     versions = (summary or {}).get("versions") or (served.state.get("versions") if served else None) or {}
@@ -86,7 +85,7 @@ def run_state(run_dir: Path, served: Weights | None, problem: str | None) -> dic
         "planned_epochs": (config or {}).get("epochs"),
         "finished": finished,
         "config": config,
-        "plan": plan(run_dir, config, summary, served, epochs),
+        "plan": plan(config, summary, served, epochs),
         "model": served.describe(run_dir) if served else None,
         "model_problem": problem,
     }
