@@ -73,11 +73,20 @@ def open_image(source: str | Path | BinaryIO, name: str, max_pixels: int = MAX_P
 
 
 def frames(image: Image.Image, name: str, max_pixels: int) -> Iterator[Image.Image]:
-    """Each frame of a still image or an animation (at most MAX_FRAMES), decoded and upright per EXIF."""
+    """Each frame of a still image or an animation (at most MAX_FRAMES), decoded and upright per EXIF.
+
+    ``max_pixels`` bounds the pixels decoded in all, so that many large blank frames cost no more
+    than one large image.
+    """
+    decoded = 0
     for index, frame in enumerate(ImageSequence.Iterator(image)):
         if index == MAX_FRAMES:
             return
         check_size(frame.size, name, max_pixels)  # a later TIFF page may be larger than the first
+        decoded += frame.size[0] * frame.size[1]
+        if decoded > max_pixels:
+            raise ImageTooLarge(f"{name}: no digit in the first {index} frames, and the next one would take the "
+                                f"pixels decoded past the limit of {max_pixels:,} (--max-pixels)")
         frame.load()
         yield ImageOps.exif_transpose(frame)
 

@@ -240,6 +240,10 @@ def test_the_first_non_blank_frame_of_an_animation(tmp_path):
     Image.new("L", (40, 40), 0).save(all_blank, save_all=True, append_images=[Image.new("L", (40, 40), 255)])
     with pytest.raises(DistmnistError, match="all-blank.gif: no digit found .each of its first 2 frames"):
         read_digit(all_blank)
+    # the pixel limit counts every frame decoded: 160 x 160 blank, then 160 x 160 more is past 30,000
+    with pytest.raises(ImageTooLarge, match="blank-first.gif: no digit in the first 1 frames.*limit of 30,000"):
+        read_digit(path, max_pixels=30_000)
+    assert torch.equal(read_digit(path, max_pixels=51_200), read_digit(tmp_path / "8bit.png"))
 
 
 def test_nan_pixels_are_refused_with_the_file_name(tmp_path):

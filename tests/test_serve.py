@@ -139,6 +139,13 @@ def bmp_header_bomb() -> bytes:
             + (24).to_bytes(2, "little") + b"\0" * 24)
 
 
+def blank_animation(frames: int, side: int) -> bytes:
+    out = io.BytesIO()
+    blank = [Image.new("L", (side, side), 255 * (k % 2)) for k in range(frames)]
+    blank[0].save(out, format="GIF", save_all=True, append_images=blank[1:])
+    return out.getvalue()
+
+
 HOSTILE = {
     "empty": (b"", 400),
     "text": (b"this is not a picture\n", 400),
@@ -153,6 +160,8 @@ HOSTILE = {
     "transparent canvas": (png(Image.new("RGBA", (280, 280), (0, 0, 0, 0))), 422),
     "one pixel": (png(Image.new("L", (1, 1), 0)), 422),
     "bmp header bomb": (bmp_header_bomb(), 413),
+    "blank frames past the pixel limit": (blank_animation(3, 1000), 413),  # 1,000,000 pixels each
+    "blank frames": (blank_animation(3, 100), 422),
 }
 
 
