@@ -21,6 +21,7 @@ COMMANDS = {
     "evaluate": "test loss, accuracy, per-class accuracy, confusion matrix, most confident mistakes",
     "predict": "classify your own images of digits (PNG, JPEG, any size)",
     "plot": "PNG plots of a run: loss, accuracy, images/s per epoch, first-layer kernels",
+    "serve": "web pages: draw a digit and see the model's answer live; watch a run's curves while it trains",
 }
 
 

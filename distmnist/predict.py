@@ -1,12 +1,10 @@
-"""Classify your own handwriting: PNG or JPEG files of any size, dark-on-light or light-on-dark.
+"""Classify your own handwriting: PNG, JPEG, GIF, TIFF files of any size, dark-on-light or light-on-dark.
 
     distmnist predict --checkpoint runs/mnist/model.safetensors my-digit.png
     python -m distmnist.predict --checkpoint runs/mnist/model.safetensors *.png --json
 
-Each image is turned into a digit the way MNIST's were made: grey levels, bright ink on a dark
-background (inverted if the background is light), cropped to the digit, scaled with anti-aliasing
-so that its longer side is 20 pixels (aspect ratio kept), and pasted into a 28 x 28 field with its
-centre of mass at the centre. Runs on the CPU: a few images need no accelerator.
+Each image is turned into a digit the way MNIST's were made (distmnist.digits, shared with
+``distmnist serve``). Runs on the CPU: a few images need no accelerator.
 """
 
 from __future__ import annotations
@@ -17,20 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from rich.console import Console as RichConsole
 from rich.table import Table
 
+from .digits import MAX_PIXELS, MNIST_SIZE, quiet_pillow_bomb_warning, read_digit
 from .rundir import load_weights
 from .errors import DistmnistError, cli
 from .model import Net, to_input
 
-MNIST_SIZE = 28  # pixels per side of an MNIST image
-MNIST_BOX = 20  # longer side of the digit's bounding box in MNIST, pixels
-MNIST_CENTRE = 14.0  # (row, column) of the mean centre of mass of MNIST's training digits, pixel indices
-NOISE = 0.2  # ink weaker than this fraction of the strongest stroke is paper grain or JPEG noise
+ENLARGE = 10  # --save-inputs also writes the 28 x 28 image this many times larger, pixels kept square
 
 
 @dataclass
@@ -42,75 +37,6 @@ class Prediction:
     def top(self, k: int) -> list[tuple[int, float]]:
         order = sorted(range(len(self.probabilities)), key=lambda d: -self.probabilities[d])[:k]
         return [(d, self.probabilities[d]) for d in order]
-
-
-# ---------------------------------------------------------------- image -> MNIST digit
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Read an image file fully (upright per its EXIF tag); anything unreadable names the file."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image)
-    except FileNotFoundError:
-        raise DistmnistError(f"{path}: no such file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        # PIL reports unknown formats as OSError and some broken files as SyntaxError
-        raise DistmnistError(f"{path}: not an image that can be read (PNG, JPEG, ...): {err}") from None
-
-
-def grey_levels(image: Image.Image) -> np.ndarray:
-    """Grey levels (h, w) float32 in 0..255; a transparent canvas is filled so the strokes stand out."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        alpha = np.asarray(rgba.getchannel("A"))
-        if alpha.min() < 255:
-            grey = np.asarray(rgba.convert("L"))
-            opaque = grey[alpha > 127]
-            strokes_dark = opaque.size == 0 or np.median(opaque) < 128
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if strokes_dark else (0, 0, 0, 255))
-            image = Image.alpha_composite(canvas, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float32)
-
-
-def mnist_digit(image: Image.Image, name: str = "image") -> torch.Tensor:
-    """Any image of one digit -> uint8 (28, 28), white ink on black, made the way MNIST's digits were."""
-    grey = grey_levels(image)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    background = float(np.median(border))
-    if background > 127:  # dark ink on light paper: MNIST's ink is bright
-        grey, background = 255 - grey, 255 - background
-    ink = np.clip(grey - background, 0, None)
-    if ink.max() <= 0:
-        raise DistmnistError(f"{name}: no digit found (the image is a single flat colour)")
-    ink = np.clip((ink / ink.max() - NOISE) / (1 - NOISE), 0, 1)
-
-    rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
-    digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    h, w = digit.shape
-    scale = MNIST_BOX / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL sizes are (width, height)
-    small = np.asarray(Image.fromarray(np.ascontiguousarray(digit)).resize(size, Image.Resampling.LANCZOS))
-    small = np.clip(small, 0, None)
-    small = small / small.max()  # the strongest stroke at full intensity, as in MNIST
-
-    h, w = small.shape
-    mass = small.sum()
-    cy = (small.sum(axis=1) * np.arange(h)).sum() / mass
-    cx = (small.sum(axis=0) * np.arange(w)).sum() / mass
-    top = min(max(round(MNIST_CENTRE - cy), 0), MNIST_SIZE - h)  # stay inside the field
-    left = min(max(round(MNIST_CENTRE - cx), 0), MNIST_SIZE - w)
-    field = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
-    field[top : top + h, left : left + w] = small
-    return torch.from_numpy(np.round(field * 255).astype(np.uint8))
-
-
-def load_digit(path: str | Path) -> torch.Tensor:
-    return mnist_digit(open_image(path), str(path))
-
-
-# ---------------------------------------------------------------- classify
 
 
 def load_model(checkpoint: str | Path) -> Net:
@@ -126,6 +52,36 @@ def predict(model: Net, digits: torch.Tensor, files: Sequence[str]) -> list[Pred
     return [Prediction(str(f), int(p.argmax()), p.tolist()) for f, p in zip(files, probabilities)]
 
 
+def save_inputs(out: Path, files: Sequence[str], digits: torch.Tensor) -> list[Path]:
+    """DIR/NAME.28x28.png and DIR/NAME.280x280.png per file; NAME-2, NAME-3 ... where a name is taken."""
+    out.mkdir(parents=True, exist_ok=True)
+    big = MNIST_SIZE * ENLARGE
+    written = []
+    for path, digit in zip(files, digits):
+        small = Image.fromarray(digit.numpy())
+        large = small.resize((big, big), Image.Resampling.NEAREST)
+        stem = Path(path).stem
+        for n in range(1, 10_000):
+            name = stem if n == 1 else f"{stem}-{n}"
+            targets = [out / f"{name}.{MNIST_SIZE}x{MNIST_SIZE}.png", out / f"{name}.{big}x{big}.png"]
+            try:  # "x": create, never overwrite, even if another process writes there at the same time
+                with open(targets[0], "xb") as fh:
+                    small.save(fh, format="PNG")
+            except FileExistsError:
+                continue
+            try:
+                with open(targets[1], "xb") as fh:
+                    large.save(fh, format="PNG")
+            except FileExistsError:
+                targets[0].unlink()
+                continue
+            written += targets
+            break
+        else:
+            raise DistmnistError(f"--save-inputs: no free name for {path} in {out}")
+    return written
+
+
 def table(predictions: list[Prediction], k: int) -> Table:
     out = Table(title="predictions")
     out.add_column("file")
@@ -138,7 +94,7 @@ def table(predictions: list[Prediction], k: int) -> Table:
 
 def build_parser(prog: str = "distmnist predict") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Classify images of handwritten digits (PNG, JPEG, any size, either polarity).")
+        prog=prog, description="Classify images of handwritten digits (PNG, JPEG, GIF, TIFF, any size, either polarity).")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a model.safetensors file, a checkpoint folder (verified against its manifest) or a run "
@@ -148,8 +104,11 @@ def build_parser(prog: str = "distmnist predict") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print JSON (file, digit, top K, all 10 probabilities) instead of a table (default: False)")
     p.add_argument("--save-inputs", metavar="DIR",
-                   help="also save the 28 x 28 image the model saw for each file as DIR/NAME.28x28.png "
+                   help=f"also save the 28 x 28 image the model saw for each file as DIR/NAME.28x28.png, and "
+                   f"{ENLARGE} times larger as DIR/NAME.280x280.png; never overwrites (NAME-2 ... instead) "
                    "(default: none)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help="refuse images with more pixels than this, before decoding them (default: %(default)s)")
     return p
 
 
@@ -158,14 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 1 <= args.top <= 10:
         raise DistmnistError(f"--top must be between 1 and 10, got {args.top}")
+    if args.max_pixels < 1:
+        raise DistmnistError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    quiet_pillow_bomb_warning()
     model = load_model(args.checkpoint)
-    digits = torch.stack([load_digit(path) for path in args.images])  # every file checked before any output
+    # every file checked before any output
+    digits = torch.stack([read_digit(path, max_pixels=args.max_pixels) for path in args.images])
     predictions = predict(model, digits, args.images)
     if args.save_inputs:
-        out = Path(args.save_inputs)
-        out.mkdir(parents=True, exist_ok=True)
-        for path, digit in zip(args.images, digits):
-            Image.fromarray(digit.numpy()).save(out / f"{Path(path).stem}.28x28.png")
+        save_inputs(Path(args.save_inputs), args.images, digits)
     if args.json:
         print(json.dumps([
             {"file": p.file, "digit": p.digit, "top": [{"digit": d, "probability": q} for d, q in p.top(args.top)],

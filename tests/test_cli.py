@@ -10,12 +10,14 @@ import pytest
 
 from conftest import BIN, ROOT, env
 from distmnist import cli, config, evaluate, plot, predict
+from distmnist.serve import command as serve
 
 PARSERS = {
     "train": config.build_parser,
     "evaluate": evaluate.build_parser,
     "predict": predict.build_parser,
     "plot": plot.build_parser,
+    "serve": serve.build_parser,
 }
 
 
