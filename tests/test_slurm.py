@@ -121,9 +121,8 @@ def completed(cluster: SlurmCluster, job: int, restarts: int, log: Path, timeout
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
-    """Every file of the run, by relative path (run.json aside: it describes the latest invocation)."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "run.json"}
+    """Every file of the run (hidden ones included), by relative path."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def test_one_node_two_processes_warned_then_requeued_ends_bit_identical(slurm_cluster, reference, data, tmp_path):
