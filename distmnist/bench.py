@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,7 @@ from .distributed import make_accelerator
 from .engine import Engine, make_sgd, synchronize, tune_for_device
 from .errors import DistmnistError, cli
 from .model import Net
+from .signals import CHECK_EVERY, StopRequests
 
 
 @dataclass
@@ -166,6 +169,59 @@ def full_run(data_dir: Path, launcher: str, cpu: bool) -> dict:
     }
 
 
+def stop_check_cost(data_dir: Path, cpu: bool, seed: int, epochs: int = 2, calls: int = 2000) -> dict:
+    """What agreeing on the stop flag costs (issue: under 1% of step time), on every rank of this launch.
+
+    Times the agreement itself (``StopRequests.agreed``: a Python read with one process, one all-reduce
+    of one integer with several), the step, and whole epochs with and without the checks. The fraction
+    is one agreement per ``CHECK_EVERY`` steps (every step with one process) over the step time."""
+    accelerator = make_accelerator(cpu, "no")
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    train, _ = load_mnist(data_dir, allow_download=False)
+    torch.manual_seed(seed)
+    model = tune_for_device(Net(), device)
+    model, optimizer = accelerator.prepare(model, make_sgd(model, 0.01, 0.9, device))
+    sampler = train_sampler(len(train), world, rank, seed)
+    batches = train_batches(train, sampler, 100, device, resident=True)
+    engine = Engine(accelerator, model, optimizer)
+    stop = StopRequests(accelerator)  # not installed: no signal is needed to time the agreement
+    sampler.set_epoch(0)
+    engine.train_epoch(batches)  # warm-up
+    seconds = {"without": [], "with": []}
+    for epoch in range(1, 2 * epochs + 1):  # alternate, so drift of the machine hits both alike
+        variant = "with" if epoch % 2 else "without"
+        engine.stop = stop if variant == "with" else None
+        sampler.set_epoch(epoch)
+        seconds[variant].append(engine.train_epoch(batches).seconds)
+    accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    for _ in range(calls):
+        stop.agreed()
+    check = (time.perf_counter() - start) / calls
+    step = statistics.median(seconds["without"]) / len(batches)
+    every = 1 if world == 1 else CHECK_EVERY
+    return {"world_size": world, "check_every": every, "check_seconds": check, "step_seconds": step,
+            "fraction_of_step": check / (every * step), "epoch_seconds_without": seconds["without"],
+            "epoch_seconds_with": seconds["with"], "steps_per_epoch": len(batches)}
+
+
+def stop_check_in_fresh_processes(argv: Sequence[str], world: int) -> dict:
+    """The stop-check measurement on `world` CPU processes (torchrun) or one (python)."""
+    inner = ["-m", "distmnist.bench", *argv, "--row", "stop-check"]
+    if world == 1:
+        cmd = [sys.executable, *inner]
+    else:
+        torchrun = Path(sys.executable).parent / "torchrun"
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(torchrun), f"--nproc_per_node={world}", f"--master_port={port}", *inner]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DistmnistError(f"stop-check benchmark on {world} process(es) failed:\n{proc.stderr[-2000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data", metavar="DIR", help="local MNIST IDX files (default: %(default)s)")
@@ -177,8 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launch-run", action="store_true",
                    help="also time the full run under `accelerate launch --num_processes 1` and under "
                    "`python -m accelerate.commands.launch` (default: False)")
+    p.add_argument("--stop-check", action="store_true",
+                   help="also time the signal check (the ranks' agreement on the stop flag) against the step, on "
+                   "1 and 2 CPU processes (default: False)")
     p.add_argument("--output-json", metavar="FILE", help="write the results as JSON (default: none)")
-    p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: time one row, print its JSON
+    p.add_argument("--row", choices=(*ROWS, "stop-check"), help=argparse.SUPPRESS)  # internal: one row as JSON
     return p
 
 
@@ -212,6 +271,11 @@ def row_in_fresh_process(name: str, argv: Sequence[str]) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.row == "stop-check":
+        result = stop_check_cost(Path(args.data_dir), cpu=True, seed=args.seed)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
+        return 0
     if args.row:
         print(json.dumps(time_row(args.row, args)))
         return 0
@@ -244,10 +308,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + ", ".join(f"{k[6:]} {v:.2f}" for k, v in ph.items() if k.startswith("setup_"))
                   + f"), train {ph['train']:.2f} s "
                   f"(capture {ph['capture']:.2f}), eval {ph['eval']:.2f} s, checkpoints {ph['checkpoint']:.2f} s")
+    checks = []
+    if args.stop_check:
+        print(f"\nstop check (the ranks' agreement on a signal; CPU processes, gloo):")
+        for world in (1, 2):
+            c = stop_check_in_fresh_processes([a for a in argv if a != "--stop-check"], world)
+            checks.append(c)
+            print(f"  world size {world}: {1e6 * c['check_seconds']:.2f} us per check, every {c['check_every']} "
+                  f"step(s) of {1e3 * c['step_seconds']:.2f} ms = {100 * c['fraction_of_step']:.3f}% of step time; "
+                  f"epochs with checks {', '.join(f'{x:.2f}' for x in c['epoch_seconds_with'])} s, without "
+                  f"{', '.join(f'{x:.2f}' for x in c['epoch_seconds_without'])} s")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({
             "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "rows": rows, "full_runs": runs,
+            "rows": rows, "full_runs": runs, "stop_checks": checks,
         }, indent=2) + "\n")
     return 0
 
