@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import DistmnistError
 
@@ -216,6 +219,33 @@ def parse_config(argv: Sequence[str] | None = None, prog: str = "distmnist train
     if "config" in args:
         values.update(load_yaml(args.pop("config")))
     values.update(args)
+    cfg = TrainConfig(**values)
+    _check(cfg)
+    return cfg
+
+
+def config_from(options: Mapping[str, Any], source: str = "distmnist.train()") -> TrainConfig:
+    """The Python API's parse_config: defaults, then the YAML file of ``config``, then the other
+    options (the field names: ``data_dir``, ``epochs`` ...); each value type-checked as a config file's
+    are, and the whole validated with the command line's checks and messages."""
+    options = dict(options)
+    values: dict[str, Any] = {}
+    config_file = options.pop("config", None)
+    if config_file is not None:
+        values.update(load_yaml(os.fspath(config_file)))
+    for name, value in options.items():
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, list(FIELDS) + ["config"], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise DistmnistError(f"{source}: unknown option '{name}'{hint}; the options are config and the flags' "
+                                 f"names in snake_case: {', '.join(FIELDS)}")
+        if isinstance(value, os.PathLike):  # data_dir=Path(...), output_dir=..., resume=...
+            value = os.fspath(value)
+        elif isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy integers
+            value = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int)):  # numpy floats
+            value = float(value)
+        values[name] = _coerce(name, value, source)
     cfg = TrainConfig(**values)
     _check(cfg)
     return cfg

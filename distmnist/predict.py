@@ -4,7 +4,8 @@
     python -m distmnist.predict --checkpoint runs/mnist/model.safetensors *.png --json
 
 Each image is turned into a digit the way MNIST's were made (distmnist.digits, shared with
-``distmnist serve``). Runs on the CPU: a few images need no accelerator.
+``distmnist serve``). Runs on the CPU: a few images need no accelerator. From Python,
+``distmnist.predict(checkpoint, images)`` returns the Predictions (distmnist.api).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image
 from rich.console import Console as RichConsole
 from rich.table import Table
 
+from . import command_module
 from .digits import MAX_PIXELS, MNIST_SIZE, quiet_pillow_bomb_warning, read_digit
 from .rundir import load_weights
 from .errors import DistmnistError, cli
@@ -136,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         RichConsole(highlight=False).print(table(predictions, args.top))
     return 0
 
+
+command_module(__name__)  # distmnist.predict(...) runs distmnist.api.predict
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ main process decides how the run starts and sends that, checkpoint included, to 
 data -> model -> epoch loop (engine) -> checkpoints and console. Only the main process touches
 the output folder or prints; every collective runs on every rank, and whatever ends the run early
 (a bad folder, a failed write, a signal, divergence) ends it on every rank together.
+From Python, ``distmnist.train(**options)`` runs the same run_training (distmnist.api).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, command_module
 from .checkpoint import Checkpoint, nonfinite, save_weights, unflatten_optimizer, write_checkpoint
 from .config import TrainConfig, parse_config
 from .console import Console, resolve_mode
@@ -118,7 +119,16 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
 
 
-def already_complete(accelerator, console: Console, folder: RunFolder | None, start: Start) -> list[dict[str, Any]]:
+@dataclass
+class Outcome:
+    """What a run leaves its caller (the Python API, distmnist.api), the same on every rank."""
+
+    run_id: str
+    history: list[dict[str, Any]]  # every epoch's metrics record, resumed ones included
+    trained: bool = True  # False: the run was already complete and nothing was trained
+
+
+def already_complete(accelerator, console: Console, folder: RunFolder | None, start: Start) -> Outcome:
     """A finished run resumed again (a requeued job, a rerun script): train nothing, rewrite nothing."""
     ckpt = start.checkpoint
     console.print(f"run {start.run_id} is already complete at epoch {ckpt.epoch}, nothing trained")
@@ -133,11 +143,11 @@ def already_complete(accelerator, console: Console, folder: RunFolder | None, st
         folder.release()
     agree(accelerator, error)
     shutdown(accelerator)
-    return list(ckpt.state["metrics"])
+    return Outcome(start.run_id, list(ckpt.state["metrics"]), trained=False)
 
 
-def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
-    """Everything the loop needs; or, for a run that is already complete, its history (nothing to set up)."""
+def setup(cfg: TrainConfig, stop: StopRequests) -> Run | Outcome:
+    """Everything the loop needs; or, for a run that is already complete, its outcome (nothing to set up)."""
     marks = [time.perf_counter()]  # phase boundaries, reported in run.json
     accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout, cfg.log_with,
                                    project_dir=str(RunFolder(cfg.output_dir).logs()))
@@ -457,8 +467,8 @@ def is_collective_failure(err: BaseException) -> bool:
     return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
 
 
-def run_training(cfg: TrainConfig, started: float | None = None, stop: StopRequests | None = None) -> list[dict[str, Any]]:
-    """Set up, train, tear down; the history of epoch records. Errors are DistmnistError subclasses.
+def run_training(cfg: TrainConfig, started: float | None = None, stop: StopRequests | None = None) -> Outcome:
+    """Set up, train, tear down; the run's id and history of epoch records. Errors are DistmnistError subclasses.
 
     ``stop``: signal handling owned by the caller (the command keeps it until the process exits, so a
     launcher's late SIGTERM during exit cannot turn a clean exit code into a death by signal);
@@ -475,7 +485,7 @@ def run_training(cfg: TrainConfig, started: float | None = None, stop: StopReque
         history = fit(run, stop, started)
         run.console.summary(history, str(cfg.output_dir), time.perf_counter() - started)
         shutdown(run.accelerator)
-        return history
+        return Outcome(run.start.run_id, history)
     except (RuntimeError, torch.distributed.DistError) as err:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(err):
@@ -497,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_training(parse_config(argv), started, StopRequests().install())
     return 0
 
+
+command_module(__name__)  # distmnist.train(...) runs distmnist.api.train
 
 if __name__ == "__main__":
     main()
