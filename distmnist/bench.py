@@ -35,6 +35,7 @@ from torch import optim
 from .data import FILES, find_file, load_mnist, train_batches, train_sampler, eval_batches
 from .distributed import make_accelerator
 from .engine import Engine, make_sgd, synchronize, tune_for_device
+from .args import ArgumentParser
 from .errors import DistmnistError, cli
 from .model import Net
 
@@ -167,7 +168,7 @@ def full_run(data_dir: Path, launcher: str, cpu: bool) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data", metavar="DIR", help="local MNIST IDX files (default: %(default)s)")
     p.add_argument("--tutorial-epochs", type=int, default=3, help="epochs of the tutorial pipeline (default: %(default)s)")
     p.add_argument("--fast-epochs", type=int, default=5, help="epochs of each distmnist row (default: %(default)s)")

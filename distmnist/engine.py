@@ -1,7 +1,9 @@
 """Train one epoch and evaluate: rank-agnostic, typed results, no host syncs inside the step.
 
 The training loss accumulates on the device; it reaches the host only when the console asks for
-it (at its refresh interval) and at the end of the epoch. On one CUDA process the whole step
+it (at its refresh interval) and at the end of the epoch. The learning rate is a device tensor
+that the schedule (schedule.py) advances inside the step; with --log-every, each step's loss is
+also written into a device buffer that is read once, with the epoch's totals. On one CUDA process the whole step
 (forward, backward, optimizer step, loss accumulation) is captured once as a CUDA graph after a
 few real eager steps and replayed from then on; a short last batch runs eagerly.
 """
@@ -9,13 +11,14 @@ few real eager steps and replayed from then on; a short last batch runs eagerly.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .model import to_input
+from .schedule import LRSchedule
 
 GRAPH_WARMUP_STEPS = 3  # real training steps run eagerly (on a side stream) before capture
 
@@ -27,6 +30,7 @@ class EpochStats:
     steps: int  # optimizer steps per rank
     seconds: float  # wall time of the training part, device work included
     capture_seconds: float  # time spent capturing the CUDA graph (part of `seconds`), 0 if none
+    step_losses: list[float] = field(default_factory=list)  # each step's loss, mean over ranks (if recorded)
 
 
 @dataclass
@@ -78,7 +82,8 @@ def synchronize(device: torch.device) -> None:
 class Engine:
     """Owns the step: receives a prepared model and optimizer from outside."""
 
-    def __init__(self, accelerator, model, optimizer, cuda_graphs: bool = False):
+    def __init__(self, accelerator, model, optimizer, cuda_graphs: bool = False, schedule: LRSchedule | None = None,
+                 record_step_losses: bool = False):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.device = accelerator.device
         self.cuda_graphs = cuda_graphs
@@ -90,6 +95,13 @@ class Engine:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss_sum = torch.zeros((), device=self.device)  # sum over images of the training loss
         self.steps_done = 0  # optimizer steps since the start of training (this process)
+        self.schedule = schedule  # None: the optimizer's own (float) lr, as bench.py uses it
+        if schedule is not None:
+            schedule.install(inner)
+        # --log-every: loss of each step of the epoch, written at a device-side index (graph-safe)
+        self.record_step_losses = record_step_losses
+        self.step_losses: torch.Tensor | None = None
+        self.epoch_step = torch.zeros(1, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------ the step
 
@@ -97,8 +109,14 @@ class Engine:
         self._opt.zero_grad(set_to_none=True)
         loss = F.nll_loss(self.model(to_input(images)), labels)
         self.accelerator.backward(loss)
+        if self.schedule is not None:
+            self.schedule.advance()  # device ops: this step's lr from the device step counter
         self._opt.step()
-        self.loss_sum.add_(loss.detach(), alpha=labels.shape[0])  # one kernel, no host sync
+        loss = loss.detach()
+        self.loss_sum.add_(loss, alpha=labels.shape[0])  # one kernel, no host sync
+        if self.step_losses is not None:
+            self.step_losses.index_copy_(0, self.epoch_step, loss.float().reshape(1))
+            self.epoch_step.add_(1)
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Record one step with static buffers; nothing runs until the first replay."""
@@ -144,6 +162,11 @@ class Engine:
     def train_epoch(self, batches: Iterable, progress: StepProgress | None = None) -> EpochStats:
         self.model.train()
         self.loss_sum.zero_()
+        if self.record_step_losses:
+            if self.step_losses is None:  # allocated before any capture, so the graph writes into it
+                self.step_losses = torch.zeros(len(batches), device=self.device)
+            self.step_losses.zero_()
+            self.epoch_step.zero_()
         samples = steps = 0
         capture = 0.0
         synchronize(self.device)
@@ -160,10 +183,15 @@ class Engine:
                 progress.update(steps, lambda n=samples: self.running_loss(n))
         synchronize(self.device)
         seconds = time.perf_counter() - start
-        totals = torch.stack([self.loss_sum.double(), torch.tensor(float(samples), device=self.device).double()])
-        totals = self.accelerator.reduce(totals, reduction="sum")
-        global_loss, global_samples = totals.tolist()
-        return EpochStats(global_loss / max(global_samples, 1), int(global_samples), steps, seconds, capture)
+        parts = [self.loss_sum.double().reshape(1), torch.tensor([float(samples)], device=self.device).double()]
+        if self.step_losses is not None:
+            parts.append(self.step_losses[:steps].double())
+        totals = self.accelerator.reduce(torch.cat(parts), reduction="sum").tolist()  # one collective, one read
+        global_loss, global_samples = totals[:2]
+        world = self.accelerator.num_processes
+        step_losses = [loss / world for loss in totals[2:]]  # every rank's batch has the same size
+        return EpochStats(global_loss / max(global_samples, 1), int(global_samples), steps, seconds, capture,
+                          step_losses)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable, keep_outputs: bool = False) -> EvalStats:

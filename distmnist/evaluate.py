@@ -24,6 +24,7 @@ from .console import Console, resolve_mode
 from .data import eval_batches, eval_shard
 from .distributed import make_accelerator, shutdown
 from .engine import Engine
+from .args import ArgumentParser
 from .errors import DistmnistError, cli
 from .model import Net
 from .plot import mistakes_figure, require_matplotlib, save
@@ -33,7 +34,7 @@ from .train import load_data
 
 def build_parser(prog: str = "distmnist evaluate") -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog=prog, description="Test loss and accuracy of saved weights on MNIST's test set.")
+    p = ArgumentParser(prog=prog, description="Test loss and accuracy of saved weights on MNIST's test set.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a model.safetensors file or a checkpoint folder (verified against its manifest) (required)")
     p.add_argument("--data-dir", default=defaults.data_dir, metavar="DIR", help="MNIST folder (default: %(default)s)")

@@ -32,14 +32,17 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import TrainConfig, parse_config
-from .console import Console, resolve_mode
+from .console import Console, Outputs, resolve_mode
 from .data import Split, eval_batches, load_mnist, missing_files, train_batches, train_sampler, download
 from .distributed import gather_rng, make_accelerator, restore_rng, shutdown
 from .engine import Engine, make_sgd, match_param_layout, tune_for_device
 from .errors import DistmnistError, RunFailed, cli
-from .model import Net, parameter_count
+from .model import Net, layer_summary, parameter_count
+from .schedule import LRSchedule, ScheduleSpec, saveable_state_dict
+from . import tracking
 
 RESIDENT_HEADROOM = 4  # keep the data set on the GPU only if 4x its size is free
+OUTPUT_FILES = ("model.safetensors", "checkpoints/", "metrics.jsonl", "run.json", "config.json")  # for the summary
 
 
 def load_data(cfg: TrainConfig, accelerator) -> tuple[Split, Split]:
@@ -132,7 +135,7 @@ class Run:
 def setup(cfg: TrainConfig) -> Run:
     marks = [time.perf_counter()]  # phase boundaries, reported in run.json
     accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout, cfg.log_with, cfg.output_dir)
-    console = Console(resolve_mode(cfg.progress, accelerator.is_main_process))
+    console = Console(resolve_mode(cfg.progress, accelerator.is_main_process), interval=cfg.log_interval)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
 
     marks.append(time.perf_counter())
@@ -161,11 +164,18 @@ def setup(cfg: TrainConfig) -> Run:
 
     marks.append(time.perf_counter())
     sampler = train_sampler(len(train), world, rank, cfg.seed)
+    batches = train_batches(train, sampler, cfg.batch_size, device, resident)
+    # the schedule is a function of the global optimizer step over the run's total
+    done_epochs, done_steps = (ckpt.epoch, int(ckpt.state["step"])) if ckpt is not None else (0, 0)
+    spec = ScheduleSpec.from_config(cfg, len(batches), done_steps + max(cfg.epochs - done_epochs, 0) * len(batches))
+    if cfg.epochs > done_epochs:
+        spec.check()
     run = Run(
         cfg=cfg, accelerator=accelerator, console=console, model=model, optimizer=optimizer,
-        engine=Engine(accelerator, model, optimizer, cuda_graphs=graphs),
+        engine=Engine(accelerator, model, optimizer, cuda_graphs=graphs, schedule=LRSchedule(spec, device, done_steps),
+                      record_step_losses=cfg.log_every > 0),
         sampler=sampler,
-        batches=train_batches(train, sampler, cfg.batch_size, device, resident),
+        batches=batches,
         test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device),
         output_dir=Path(cfg.output_dir),
         versions=versions(accelerator),
@@ -182,6 +192,7 @@ def setup(cfg: TrainConfig) -> Run:
             ("world size", str(world)),
             ("precision", cfg.mixed_precision),
             ("batch", f"{cfg.batch_size} per process, {cfg.batch_size * world} global"),
+            ("learning rate", spec.describe()),
             ("steps per epoch", str(len(run.batches))),
             ("data", f"{len(train):,} train / {len(test):,} test images from {cfg.data_dir}"),
             ("data path", "resident on device" if resident else "DataLoader"),
@@ -189,8 +200,10 @@ def setup(cfg: TrainConfig) -> Run:
             ("epochs", f"{run.start_epoch + 1}..{cfg.epochs}" + (f" (resumed from {ckpt.path})" if ckpt else "")),
             ("model", f"Net, {parameter_count(model):,} parameters"),
             ("output", cfg.output_dir),
+            *([("tracker", f"{cfg.log_with} -> {tracking.destination(cfg.log_with, cfg.output_dir)} "
+                           f"({tracking.what(cfg.log_every)})")] if cfg.log_with else []),
         ],
-        repr(accelerator.unwrap_model(model)),
+        layer_summary(accelerator.unwrap_model(model)),
     )
     for notice in notices:
         console.notice(notice)
@@ -201,8 +214,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     """Train, evaluate and return the epoch's metrics record (global numbers, same on every rank)."""
     cfg, world = run.cfg, run.accelerator.num_processes
     run.sampler.set_epoch(epoch)
-    with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world) as progress:
+    with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world, ranks=world) as progress:
         stats = run.engine.train_epoch(run.batches, progress)
+    # --log-every: the step records go before the epoch's (one x axis, optimizer steps, for every tracker)
+    tracking.log_steps(run.accelerator, stats.step_losses, run.global_step, cfg.log_every, run.engine.schedule.spec)
     eval_start = time.perf_counter()
     result = run.engine.evaluate(run.test_batches)  # ends in a host read: the time is complete
     eval_seconds = time.perf_counter() - eval_start
@@ -234,7 +249,7 @@ def save_epoch(run: Run, record: dict[str, Any]) -> None:
         state = {"epoch": record["epoch"], "step": run.global_step, "world_size": accelerator.num_processes,
                  "config": run.cfg.to_dict(), "metrics": run.history, "versions": run.versions}
         write_checkpoint(checkpoint_dir(run.output_dir, record["epoch"]),
-                         accelerator.unwrap_model(run.model).state_dict(), run.optimizer.state_dict(), rng, state)
+                         accelerator.unwrap_model(run.model).state_dict(), saveable_state_dict(run.optimizer), rng, state)
         with open(run.output_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         prune(run.output_dir, run.cfg.keep_checkpoints)  # only once the new checkpoint is complete
@@ -250,12 +265,12 @@ def fit(run: Run) -> None:
         # metrics.jsonl always matches the checkpoint the run continues from
         (run.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.history))
     run.timings["setup"] = time.perf_counter() - run.started
-    accelerator.init_trackers("distmnist", config=cfg.to_dict())  # main process only; no-op without --log-with
+    accelerator.init_trackers(tracking.RUN_NAME, config=cfg.to_dict())  # main process only; no-op without --log-with
     for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
         record = train_one_epoch(run, epoch)
         run.history.append(record)
         save_epoch(run, record)
-        accelerator.log(record, step=epoch)
+        accelerator.log(record, step=record["step"])  # x axis: optimizer steps, as the step records
         run.console.epoch_done(record, cfg.epochs)
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(run.model).state_dict(), run.output_dir / "model.safetensors")
@@ -320,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"within --dist-timeout {cfg.dist_timeout:g} s (a rank hung or died): {str(err).splitlines()[0]}"
             ) from None
         raise
-    run.console.summary(run.history, str(run.output_dir), time.perf_counter() - run.started)
+    tracker = f"{cfg.log_with}, {tracking.destination(cfg.log_with, cfg.output_dir)}" if cfg.log_with else None
+    run.console.summary(run.history, run.start_epoch + 1, time.perf_counter() - run.started, run.timings,
+                        Outputs(str(run.output_dir), OUTPUT_FILES, tracker))
     shutdown(run.accelerator)
     return 0
 
