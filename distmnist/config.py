@@ -37,6 +37,8 @@ class TrainConfig:
     test_batch_size: int = _opt(1000, "test images per process per evaluation batch")
     lr: float = _opt(0.01, "SGD learning rate")
     momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(0.0, "SGD weight decay (L2 penalty added to the gradient)", metavar="WD")
+    nesterov: bool = _opt(False, "Nesterov momentum")
     lr_schedule: str = _opt("constant", "learning-rate schedule over the optimizer steps, --lr being its peak: "
                             "constant, step (x --lr-gamma every --lr-step-size steps), cosine (down to --min-lr), "
                             "onecycle (OneCycleLR: lr/25 up to lr, then down to lr/25/1e4)",
@@ -97,6 +99,10 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("warmup_steps", "lr_step_size", "log_every"):
         if getattr(cfg, name) < 0:
             raise DistmnistError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.weight_decay < 0:
+        raise DistmnistError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise DistmnistError("--nesterov needs a momentum > 0 (--momentum)")
     if not cfg.lr_gamma > 0:
         raise DistmnistError(f"--lr-gamma must be > 0, got {cfg.lr_gamma}")
     if not 0 <= cfg.min_lr < cfg.lr:

@@ -22,7 +22,6 @@ from typing import Any, Callable, Sequence
 
 from rich import box
 from rich.console import Console as RichConsole
-from rich.console import Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar

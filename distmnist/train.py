@@ -147,7 +147,7 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = Net()
     model = tune_for_device(model, device)
-    optimizer = make_sgd(model, cfg.lr, cfg.momentum, device)
+    optimizer = make_sgd(model, cfg.lr, cfg.momentum, device, cfg.weight_decay, cfg.nesterov)
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
     model, optimizer = accelerator.prepare(model, optimizer)
