@@ -444,8 +444,8 @@ def summary_lines(records: list[dict[str, Any]], first_epoch: int, wall_seconds:
     last = records[-1]
     top = max(records, key=lambda r: (r["test_accuracy"], -r["epoch"]))  # the earliest of equals
     trained = f"epochs {first_epoch}-{last['epoch']}" if len(new) > 1 else f"epoch {last['epoch']}"
-    final = (f"{100 * last['test_accuracy']:.2f}% after the last epoch, {last['epoch']} "
-             f"({last['test_correct']:,}/{last['test_samples']:,})")
+    final = (f"{100 * last['test_accuracy']:.2f}% after the last epoch ({last['epoch']}), "
+             f"{last['test_correct']:,}/{last['test_samples']:,}")
     if last["test_accuracy"] >= top["test_accuracy"]:
         final += ", the highest of the run"
     else:

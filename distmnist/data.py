@@ -199,11 +199,10 @@ def download_failure(err: BaseException) -> str:
 def offline_message(data_dir: Path, reason: str, existed: bool) -> str:
     where = f"{data_dir} (or {data_dir / 'MNIST' / 'raw'})"
     names = ", ".join(n for pair in FILES.values() for n in pair)
+    start = f"could not download MNIST ({reason})"
     if not existed and data_dir != Path(DEFAULT_DIR):
-        start = f"--data-dir {data_dir} does not exist (mistyped?) and MNIST could not be downloaded into it"
-    else:
-        start = "could not download MNIST"
-    return (f"{start} ({reason}). Put the four IDX files ({names}, .gz or not) in {where}, "
+        start += f" into {data_dir}, which did not exist (is --data-dir mistyped?)"
+    return (f"{start}. Put the four IDX files ({names}, .gz or not) in {where}, "
             "or point --data-dir at a folder that holds them")
 
 

@@ -3,9 +3,9 @@
 The training loss accumulates on the device; it reaches the host only when the console asks for
 it (at its refresh interval) and at the end of the epoch. The learning rate is a device tensor
 that the schedule (schedule.py) advances inside the step; with --log-every, each step's loss is
-also written into a device buffer that is read once, with the epoch's totals. On one CUDA process the whole step
-(forward, backward, optimizer step, loss accumulation) is captured once as a CUDA graph after a
-few real eager steps and replayed from then on; a short last batch runs eagerly.
+also written into a device buffer, read once with the epoch's totals. On one CUDA process the
+whole step (forward, backward, lr update, optimizer step, loss accumulation) is captured once as a
+CUDA graph after a few real eager steps and replayed from then on; a short last batch runs eagerly.
 """
 
 from __future__ import annotations

@@ -116,10 +116,10 @@ class ScheduleSpec:
         if self.kind == "step":
             return f"step: {self.lr:g} x {self.gamma:g} every {self.step_size} steps{warm}"
         if self.kind == "cosine":
-            return f"cosine {self.lr:g} -> {self.min_lr:g} over {self.total_steps} steps{warm}"
+            return f"cosine {self.lr:g} -> {self.min_lr:g} over {self.total_steps:,} steps{warm}"
         rise = self.warmup_steps or f"{ONECYCLE_PCT_START:.0%} of"
         return (f"onecycle {self.lr / ONECYCLE_DIV:.3g} -> {self.lr:g} -> {self.lr / ONECYCLE_DIV / ONECYCLE_FINAL_DIV:.2g}, "
-                f"rising over {rise} {self.total_steps} steps")
+                f"rising over {rise} {self.total_steps:,} steps")
 
 
 class LRSchedule:

@@ -269,3 +269,25 @@ def test_log_every_writes_tensorboard_events_where_the_plan_says(mnist_dir, tmp_
     assert [e.value for e in events.Scalars("lr")] == pytest.approx([0.01, 0.01])
     assert [e.step for e in events.Scalars("test_accuracy")] == [4, 8]
     assert {"train_loss", "test_loss"} <= set(scalars)
+
+
+@pytest.mark.slow
+def test_step_losses_on_two_processes_are_the_mean_over_both_ranks(mnist_dir, tmp_path):
+    """torchrun, 2 processes: each logged step loss is the mean of both ranks' batch losses, so an
+    epoch's step losses average to its train_loss (the global mean over every image)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import torchrun
+
+    out = tmp_path / "run"
+    proc = torchrun(2, "train", "--data-dir", mnist_dir, "--no-download", "--epochs", "2", "--limit-train", "400",
+                    "--batch-size", "50", "--output-dir", out, "--progress", "plain", "--log-with", "tensorboard",
+                    "--log-every", "1")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "distmnist"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("step_loss")]
+    assert [e.step for e in events.Scalars("step_loss")] == list(range(1, 9))  # 400 / (2 x 50) = 4 a epoch
+    for epoch, record in enumerate(records):
+        assert sum(losses[4 * epoch: 4 * epoch + 4]) / 4 == pytest.approx(record["train_loss"], rel=1e-5)

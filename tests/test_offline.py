@@ -176,7 +176,7 @@ def test_a_mistyped_data_dir_is_named_and_not_created(guard, tmp_path):
     result, _ = run(driver(train_cmd(typo, tmp_path / "out")[3:]), environ, prefix)
     assert result.returncode == 2, result.stderr
     assert_one_clean_line(result.stderr)
-    assert f"--data-dir {typo} does not exist (mistyped?)" in result.stderr
+    assert f"into {typo}, which did not exist (is --data-dir mistyped?)" in result.stderr
     assert not (tmp_path / "shared").exists()
 
 
