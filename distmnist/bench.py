@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import optim
 
+from .args import ArgumentParser
 from .data import FILES, find_file, load_mnist, train_batches, train_sampler, eval_batches
 from .distributed import make_accelerator
 from .engine import Engine, make_sgd, synchronize, tune_for_device
-from .args import ArgumentParser
 from .errors import DistmnistError, cli
 from .model import Net
 

@@ -18,13 +18,13 @@ from typing import Sequence
 import torch
 from rich.console import Console as RichConsole
 
+from .args import ArgumentParser
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .console import Console, resolve_mode
 from .data import eval_batches, eval_shard
 from .distributed import make_accelerator, shutdown
 from .engine import Engine
-from .args import ArgumentParser
 from .errors import DistmnistError, cli
 from .model import Net
 from .plot import mistakes_figure, require_matplotlib, save

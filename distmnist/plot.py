@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import torch
 
+from .args import ArgumentParser
 from .checkpoint import load_weights, newest_valid
 from .console import Console, resolve_mode
-from .args import ArgumentParser
 from .errors import DistmnistError, cli
 from .report import Mistake
 
