@@ -19,9 +19,9 @@ SequentialLR chains them), so no step runs at lr 0.
 
 Why a device tensor: torch.optim.SGD (fused) accepts a Tensor lr and reads it from device memory at
 every step. `advance()` writes lr(t) into that tensor from a step counter that also lives on the
-device (looking it up in a table of every step's lr, made once), with tensor operations only. No host value enters the step, so a CUDA graph captured once
-replays the whole schedule (the counter advances inside the graph; nothing is re-captured) and no
-step waits for the host. Because lr depends on t alone, a resumed run (the counter restarts at the
+device, looking it up in a table of every step's lr made once, with tensor operations only. No
+host value enters the step, so a CUDA graph captured once replays the whole schedule (the counter
+advances inside the graph; nothing is re-captured) and no step waits for the host. Because lr depends on t alone, a resumed run (the counter restarts at the
 checkpoint's step) follows exactly the schedule of an uninterrupted one.
 """
 
@@ -35,7 +35,6 @@ import torch
 
 from .errors import DistmnistError
 
-KINDS = ("constant", "step", "cosine", "onecycle")
 ONECYCLE_DIV = 25.0  # OneCycleLR's div_factor: the first lr is the peak / 25
 ONECYCLE_FINAL_DIV = 1e4  # OneCycleLR's final_div_factor: the last lr is the first / 1e4
 ONECYCLE_PCT_START = 0.3  # OneCycleLR's pct_start: the rising part, used when --warmup-steps is 0
@@ -72,7 +71,7 @@ class ScheduleSpec:
         return self.kind != "constant" or self.warmup_steps > 0
 
     def lrs(self, t: torch.Tensor) -> torch.Tensor:
-        """lr at each step index in t (float64, any shape): elementwise, tensor ops only (graph-safe)."""
+        """lr at each step index in t (float64, any shape), elementwise; LRSchedule tabulates it once."""
         t = t.double()
         if self.kind == "onecycle":
             return self._onecycle(t)
