@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from rich.console import Console as RichConsole
 
+from .args import ArgumentParser
 from .config import TrainConfig
 from .console import Console, resolve_mode
 from .data import eval_batches, eval_shard, load_data
@@ -33,7 +34,7 @@ from .rundir import is_run_folder, load_weights, read_config
 
 def build_parser(prog: str = "distmnist evaluate") -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog=prog, description="Test loss and accuracy of saved weights on MNIST's test set.")
+    p = ArgumentParser(prog=prog, description="Test loss and accuracy of saved weights on MNIST's test set.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a model.safetensors file, a checkpoint folder (verified against its manifest) or a run "
                    "folder (its model.safetensors, or its newest valid checkpoint) (required)")

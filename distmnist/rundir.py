@@ -398,6 +398,3 @@ class RunFolder:
 
     def final_weights(self) -> Path:
         return self.path / FINAL
-
-    def logs(self) -> Path:
-        return self.path / LOGS

@@ -23,16 +23,17 @@ from typing import Any, Sequence
 import torch
 
 from . import __version__
+from . import tracking
 from .checkpoint import Checkpoint, nonfinite, save_weights, unflatten_optimizer, write_checkpoint
 from .config import TrainConfig, parse_config
-from .console import Console, resolve_mode
+from .console import Console, Outputs, resolve_mode
 from .data import Split, eval_batches, load_data, train_batches, train_sampler
-from .distributed import (agree, disagreeing_ranks, gather_rng, init_trackers, make_accelerator, restore_rng,
-                          shutdown, tensors_digest)
+from .distributed import agree, disagreeing_ranks, gather_rng, make_accelerator, restore_rng, shutdown, tensors_digest
 from .engine import Carry, Engine, make_sgd, match_param_layout, tune_for_device
 from .errors import DistmnistError, RunFailed, RunStopped, cli, signal_name
-from .model import Net, parameter_count
-from .rundir import RunFolder, Start, prune, share_start
+from .model import Net, layer_summary, parameter_count
+from .rundir import RUN_FILES, RunFolder, Start, prune, share_start
+from .schedule import LRSchedule, ScheduleSpec, saveable_state_dict
 from .signals import DIVERGED, StopRequests
 from .timing import seconds_since_process_start
 
@@ -140,9 +141,9 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
     """Everything the loop needs; or, for a run that is already complete, its history (nothing to set up)."""
     marks = [time.perf_counter()]  # phase boundaries, reported in run.json
     accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout, cfg.log_with,
-                                   project_dir=str(RunFolder(cfg.output_dir).logs()))
+                                   project_dir=str(tracking.logs_dir(cfg.output_dir)))
     stop.accelerator = accelerator
-    console = Console(resolve_mode(cfg.progress, accelerator.is_main_process))
+    console = Console(resolve_mode(cfg.progress, accelerator.is_main_process), interval=cfg.log_interval)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
 
     marks.append(time.perf_counter())
@@ -162,7 +163,7 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = tune_for_device(Net(), device)
-    optimizer = make_sgd(model, cfg.lr, cfg.momentum, device)
+    optimizer = make_sgd(model, cfg.lr, cfg.momentum, device, cfg.weight_decay, cfg.nesterov)
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -173,7 +174,7 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
         for group in state["param_groups"]:
             # the kernel choice belongs to this device, and the command line wins over the checkpoint
             group.update(fused=optimizer.param_groups[0]["fused"], foreach=optimizer.param_groups[0]["foreach"],
-                         lr=cfg.lr, momentum=cfg.momentum)
+                         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         optimizer.load_state_dict(state)
         match_param_layout(optimizer)
         same_world = restore_rng(accelerator, ckpt.rng)
@@ -190,10 +191,19 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
         if carry is None:
             notices.append(f"{ckpt.path.name} stopped in the middle of epoch {ckpt.epoch}, but {why}: epoch "
                            f"{ckpt.epoch} restarts from its first step")
+    # the schedule is a function of the global optimizer step over the run's total (the same for an
+    # uninterrupted run and a resumed one)
+    epoch_start_step = 0 if ckpt is None else int(ckpt.state["step"]) - (ckpt.mid_epoch or {}).get("step", 0)
+    epochs_done = 0 if ckpt is None else ckpt.epochs_done
+    spec = ScheduleSpec.from_config(cfg, len(batches), epoch_start_step + (cfg.epochs - epochs_done) * len(batches))
+    spec.check()
+    schedule = LRSchedule(spec, device, epoch_start_step + (carry.step if carry else 0))
+    engine = Engine(accelerator, model, optimizer, cuda_graphs=graphs, schedule=schedule,
+                    record_step_losses=cfg.log_every > 0)
     run = Run(
         cfg=cfg, accelerator=accelerator, console=console, folder=folder, start=start, model=model,
-        optimizer=optimizer, engine=Engine(accelerator, model, optimizer, cuda_graphs=graphs), sampler=sampler,
-        batches=batches, test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device), carry=carry,
+        optimizer=optimizer, engine=engine, sampler=sampler, batches=batches,
+        test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device), carry=carry,
         versions=versions(accelerator),
     )
     run.engine.stop = stop
@@ -210,6 +220,7 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
             ("world size", str(world)),
             ("precision", cfg.mixed_precision),
             ("batch", f"{cfg.batch_size} per process, {cfg.batch_size * world} global"),
+            ("learning rate", spec.describe()),
             ("steps per epoch", str(len(run.batches))),
             ("data", f"{len(train):,} train / {len(test):,} test images from {cfg.data_dir}"),
             ("data path", "resident on device" if resident else "DataLoader"),
@@ -217,8 +228,10 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
             ("epochs", f"{first}..{cfg.epochs}{resumed}"),
             ("model", f"Net, {parameter_count(model):,} parameters"),
             ("output", cfg.output_dir),
+            *([("tracker", f"{cfg.log_with} -> {tracking.destination(cfg.log_with, cfg.output_dir, start.run_id)} "
+                           f"({tracking.what(cfg.log_every)})")] if cfg.log_with else []),
         ],
-        repr(accelerator.unwrap_model(model)),
+        layer_summary(accelerator.unwrap_model(model)),
     )
     for notice in notices:
         console.notice(notice)
@@ -261,8 +274,10 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | No
     cfg, world = run.cfg, run.accelerator.num_processes
     run.sampler.set_epoch(epoch)
     carry = run.carry if epoch == first_epoch(run) else None
-    with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world) as bar:
+    with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world, ranks=world) as bar:
         stats = run.engine.train_epoch(run.batches, bar, carry)
+    # --log-every: the step records go before the epoch's (one x axis, optimizer steps, for every tracker)
+    tracking.log_steps(run.accelerator, stats.step_losses, progress.step, cfg.log_every, run.engine.schedule.spec)
     progress.step += stats.steps
     if stats.stop == DIVERGED or not math.isfinite(stats.loss):
         raise diverged(run, progress, f"the training loss became non-finite in epoch {epoch}"
@@ -278,7 +293,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | No
     return {
         "epoch": epoch,
         "step": progress.step,
-        "lr": run.optimizer.param_groups[0]["lr"],
+        "lr": run.engine.schedule.spec.value_at(progress.step - 1),  # the lr of the epoch's last step
         "train_loss": stats.loss,
         "train_samples": stats.samples,
         "train_seconds": stats.seconds,
@@ -303,7 +318,7 @@ def checked_state(run: Run, progress: Progress, when: str) -> tuple[dict, dict]:
     """Weights and optimizer state, after checking that they are finite and identical on every rank."""
     accelerator = run.accelerator
     weights = accelerator.unwrap_model(run.model).state_dict()
-    optimizer = run.optimizer.state_dict()
+    optimizer = saveable_state_dict(run.optimizer)  # a tensor lr (the schedule's) as a float
     bad = nonfinite(weights)
     if bad:  # the same on every rank: DDP keeps the replicas equal
         raise diverged(run, progress, f"the weights became non-finite ({', '.join(bad)}) {when}")
@@ -391,15 +406,16 @@ def finish(run: Run, progress: Progress, started: float) -> None:
     agree(run.accelerator, error)
 
 
-def fit(run: Run, stop: StopRequests, started: float) -> list[dict[str, Any]]:
-    """The epoch loop; returns the run's history (every epoch's record, resumed ones included)."""
+def fit(run: Run, stop: StopRequests, started: float) -> Progress:
+    """The epoch loop; returns where the run ended: its history (every epoch's record, resumed ones
+    included) and the time spent on set-up and checkpoints."""
     cfg, accelerator, ckpt = run.cfg, run.accelerator, run.start.checkpoint
     progress = Progress(history=list(ckpt.state["metrics"]) if ckpt else [], step=int(ckpt.state["step"]) if ckpt else 0,
                         newest=str(ckpt.path) if ckpt else None)
     if run.carry is None and ckpt is not None and ckpt.mid_epoch:
         progress.step -= ckpt.mid_epoch["step"]  # the interrupted epoch restarts from its first step
     begin(run, progress)
-    init_trackers(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict())
+    tracking.init(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict())
     progress.timings["setup"] = time.perf_counter() - started
     epoch = first_epoch(run)
     try:
@@ -407,7 +423,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> list[dict[str, Any]]:
             record = train_epoch(run, epoch, progress)
             progress.history.append(record)
             save_epoch(run, record, progress)
-            accelerator.log(record, step=epoch)
+            accelerator.log(record, step=record["step"])  # x axis: optimizer steps, as the step records
             run.console.epoch_done(record, cfg.epochs)
             code = stop.agreed() if epoch < cfg.epochs else 0  # a signal during evaluation or the save
             if code == DIVERGED:
@@ -422,7 +438,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> list[dict[str, Any]]:
         raise RunStopped(f"aborted by a second SIGINT in epoch {epoch}; {newest}", signal.SIGINT,
                          silent=not accelerator.is_main_process) from None
     finish(run, progress, started)
-    return progress.history
+    return progress
 
 
 def summary(run: Run, progress: Progress, started: float) -> dict[str, Any]:
@@ -472,8 +488,15 @@ def run_training(cfg: TrainConfig, started: float | None = None, stop: StopReque
         run = setup(cfg, stop)  # inside: a peer can already die in the collectives of set-up (DDP's broadcast)
         if not isinstance(run, Run):
             return run  # already complete
-        history = fit(run, stop, started)
-        run.console.summary(history, str(cfg.output_dir), time.perf_counter() - started)
+        progress = fit(run, stop, started)
+        if run.folder is not None:  # the main process: the only one that prints
+            tracker = (f"{cfg.log_with}, {tracking.destination(cfg.log_with, cfg.output_dir, run.start.run_id)}"
+                       if cfg.log_with else None)
+            files = [name + ("/" if (run.folder.path / name).is_dir() else "") for name in RUN_FILES
+                     if (run.folder.path / name).exists()]
+            run.console.summary(progress.history, first_epoch(run), time.perf_counter() - started, progress.timings,
+                                Outputs(str(cfg.output_dir), files, tracker))
+        history = progress.history
         shutdown(run.accelerator)
         return history
     except (RuntimeError, torch.distributed.DistError) as err:
