@@ -68,8 +68,7 @@ def test_a_mistyped_command_gets_a_suggestion(capsys):
     assert "flags follow a command, as in: distmnist train --data-dir" in capsys.readouterr().err
 
 
-# predict's parser is its owner's to switch to distmnist.args.ArgumentParser (one line in predict.py)
-SUGGESTING = {name: build for name, build in PARSERS.items() if name != "predict"}
+SUGGESTING = PARSERS
 
 
 @pytest.mark.parametrize("name", list(SUGGESTING))
@@ -274,13 +273,15 @@ def test_log_every_writes_tensorboard_events_where_the_plan_says(mnist_dir, tmp_
     assert train_in_process(mnist_dir, out, "--batch-size", "50", "--log-with", "tensorboard", "--log-every", "3",
                             "--progress", "plain") == 0
     stdout = capsys.readouterr().out
-    assert f"tracker: tensorboard -> {out / 'distmnist'} (every epoch's metrics; step_loss and lr every 3 steps)" \
-        in stdout
-    events = EventAccumulator(str(out / "distmnist"))
+    logs = out / "logs" / json.loads((out / "config.json").read_text())["run_id"]  # one folder per run
+    assert f"tracker: tensorboard -> {logs} (every epoch's metrics; step_loss and lr every 3 steps)" in stdout
+    events = EventAccumulator(str(logs))
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("step_loss")] == [3, 6]
-    assert [e.value for e in events.Scalars("lr")] == pytest.approx([0.01, 0.01])
+    # lr: every 3rd step's, and each epoch record's (the lr of its last step, steps 4 and 8)
+    assert [e.step for e in events.Scalars("lr")] == [3, 4, 6, 8]
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([0.01] * 4)
     assert [e.step for e in events.Scalars("test_accuracy")] == [4, 8]
     assert {"train_loss", "test_loss"} <= set(scalars)
 
@@ -299,7 +300,7 @@ def test_step_losses_on_two_processes_are_the_mean_over_both_ranks(mnist_dir, tm
                     "--log-every", "1")
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    events = EventAccumulator(str(out / "distmnist"))
+    events = EventAccumulator(str(out / "logs" / json.loads((out / "config.json").read_text())["run_id"]))
     events.Reload()
     losses = [e.value for e in events.Scalars("step_loss")]
     assert [e.step for e in events.Scalars("step_loss")] == list(range(1, 9))  # 400 / (2 x 50) = 4 a epoch
