@@ -134,10 +134,10 @@ def test_the_optimizer_reads_the_tensor_and_a_checkpoint_holds_a_float():
 
 @pytest.mark.parametrize("argv,message", [
     (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
-    (["--lr-gamma", "0"], "--lr-gamma must be > 0"),
+    (["--lr-gamma", "0"], "--lr-gamma must be a finite number > 0"),
     (["--min-lr", "0.5", "--lr", "0.1"], "--min-lr must be in [0, --lr)"),
     (["--log-every", "10"], "--log-every needs a tracker"),
-    (["--log-interval", "0"], "--log-interval must be > 0"),
+    (["--log-interval", "0"], "--log-interval must be a finite number > 0"),
     (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
 ])
 def test_impossible_schedule_flags_are_refused(argv, message, capsys):
