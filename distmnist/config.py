@@ -35,6 +35,11 @@ class TrainConfig:
     no_download: bool = _opt(False, "never download: fail with a clear error if the files are not in --data-dir")
     limit_train: int | None = _opt(None, "use only the first N training images (quick runs)", metavar="N")
     limit_test: int | None = _opt(None, "use only the first N test images (quick runs)", metavar="N")
+    val_size: int = _opt(0, "hold out N training images as a validation set (the same N images on every rank, "
+                         "drawn with --seed); each epoch reports validation accuracy and the best epoch's weights "
+                         "are kept as best.safetensors; 0 = none, the tutorial's recipe", metavar="N")
+    early_stop: int = _opt(0, "stop once validation accuracy has not improved for N epochs (needs --val-size); "
+                           "0 = never", metavar="PATIENCE")
     data_path: str = _opt("auto", "how batches reach the model: 'resident' keeps the data set on the device "
                           "and gathers batches there, 'loader' uses a DataLoader; auto = resident",
                           choices=("auto", "resident", "loader"))
@@ -122,6 +127,11 @@ def _check(cfg: TrainConfig) -> None:
         raise DistmnistError(f"--min-lr must be in [0, --lr), got {cfg.min_lr}")
     if not (math.isfinite(cfg.log_interval) and cfg.log_interval > 0):
         raise DistmnistError(f"--log-interval must be a finite number > 0, got {cfg.log_interval}")
+    for name in ("val_size", "early_stop"):
+        if getattr(cfg, name) < 0:
+            raise DistmnistError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.early_stop and not cfg.val_size:
+        raise DistmnistError("--early-stop needs a validation set to watch: add --val-size N (e.g. 5000)")
     if cfg.log_every and cfg.log_with is None:
         raise DistmnistError("--log-every needs a tracker to send the steps to: add --log-with (tensorboard, ...)")
     for name, f in FIELDS.items():

@@ -39,6 +39,7 @@ MIN_ESTIMATE_S = 0.5  # no time estimate before the epoch has run this long (fir
 # under "test loss" and "test accuracy". 72 columns with the gaps.
 COLUMNS = (("epoch", 6), ("train loss", 10), ("test loss", 9), ("test accuracy", 13), ("images/s", 9),
            ("time", 7), ("left", 6))
+VALIDATION_COLUMNS = (COLUMNS[0], COLUMNS[1], ("val acc", 9), *COLUMNS[3:])  # --val-size: same widths
 GAP = 2
 BAR_SPAN = COLUMNS[2][1] + GAP + COLUMNS[3][1]  # the live bar and its count fill these two columns
 
@@ -284,8 +285,9 @@ class Outputs:
 
 class Console:
     def __init__(self, mode: str, interval: float = PLAIN_INTERVAL_S, rich_console: RichConsole | None = None,
-                 now: Callable[[], float] = time.perf_counter):
+                 now: Callable[[], float] = time.perf_counter, validation: bool = False):
         self.mode = mode
+        self.validation = validation  # a validation set: its accuracy takes the test loss's column
         self.rich = (rich_console or RichConsole(highlight=False)) if mode == "rich" else None
         self.interval = interval  # plain mode: seconds between progress lines
         self.now = now
@@ -345,7 +347,7 @@ class Console:
             self.clock = RunClock(epochs, self.now)
         if self.mode == "rich":
             if not self.header_shown:
-                self.rich.print(Text(run_header(), style="bold"))
+                self.rich.print(Text(run_header(VALIDATION_COLUMNS if self.validation else COLUMNS), style="bold"))
                 self.header_shown = True
             return _RichProgress(self.rich, self.clock, epoch, epochs, steps, images_per_step, ranks=ranks)
         return _PlainProgress(self, epoch, epochs, steps, images_per_step)
@@ -357,17 +359,19 @@ class Console:
             self.clock.end_epoch()
         run_left = None if self.clock is None else self.clock.run_left()
         accuracy = f"{100 * record['test_accuracy']:.2f}%"
+        val = f"{100 * record['val_accuracy']:.2f}%" if "val_accuracy" in record else None
         if self.rich is None:
             self.line(
                 f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  "
-                f"test loss {record['test_loss']:.4f}  test accuracy {accuracy}  "
+                + (f"val accuracy {val}  " if val else f"test loss {record['test_loss']:.4f}  ")
+                + f"test accuracy {accuracy}  "
                 f"{record['train_samples_per_second']:,.0f} images/s"
                 + (f"  run left {clock(run_left)}" if record["epoch"] < epochs and run_left is not None else "")
             )
             return
         wall = None if self.clock is None or not self.clock.walls else self.clock.walls[-1]
         grid = _grid_full()
-        grid.add_row(f"{record['epoch']}/{epochs}", f"{record['train_loss']:.4f}", f"{record['test_loss']:.4f}",
+        grid.add_row(f"{record['epoch']}/{epochs}", f"{record['train_loss']:.4f}", val or f"{record['test_loss']:.4f}",
                      accuracy, f"{record['train_samples_per_second']:,.0f}", clock(wall), "")
         self.rich.print(grid)
 
@@ -404,8 +408,8 @@ def _grid_full() -> Table:
     return grid
 
 
-def run_header() -> str:
-    return (" " * GAP).join(f"{name:>{width}}" for name, width in COLUMNS)
+def run_header(columns=COLUMNS) -> str:
+    return (" " * GAP).join(f"{name:>{width}}" for name, width in columns)
 
 
 def model_lines(layers: list[Layer]) -> list[str]:
@@ -450,9 +454,16 @@ def summary_lines(records: list[dict[str, Any]], first_epoch: int, wall_seconds:
         final += ", the highest of the run"
     else:
         final += f"; highest {100 * top['test_accuracy']:.2f}% after epoch {top['epoch']}"
+    if "val_accuracy" in last:  # a validation set chose the best epoch, not the test set
+        best = max((r for r in records if "val_accuracy" in r), key=lambda r: (r["val_accuracy"], -r["val_loss"],
+                                                                               -r["epoch"]))
+        final = (f"{100 * last['test_accuracy']:.2f}% after the last epoch ({last['epoch']}); "
+                 f"{100 * best['test_accuracy']:.2f}% after the best one")
     lines = [
         f"wall time: {clock(wall_seconds)} for {trained}: set-up {setup:.1f} s, training {train:.1f} s, "
         f"testing {test:.1f} s, checkpoints {checkpoints:.1f} s, other {other:.1f} s",
+        *([f"validation: best {100 * best['val_accuracy']:.2f}% after epoch {best['epoch']} (best.safetensors), "
+           f"{100 * last['val_accuracy']:.2f}% after the last"] if "val_accuracy" in last else []),
         f"test accuracy: {final}",
         f"files: {outputs.output_dir}/ {', '.join(outputs.files)}",
     ]

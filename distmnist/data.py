@@ -262,6 +262,17 @@ def load_data(accelerator, data_dir: str | Path, no_download: bool, limit_train:
 # ---------------------------------------------------------------- batches
 
 
+def split_validation(train: Split, n: int, seed: int) -> tuple[Split, Split]:
+    """(train without them, validation): n images drawn with the seed, the same on every rank (whose
+    data the digest check has shown identical). Both keep the images' order in the file; n = 0
+    leaves the training set exactly as it was."""
+    if not 0 < n < len(train):
+        raise DistmnistError(f"--val-size {n} must be between 1 and {len(train) - 1}, the training images less one")
+    held = torch.zeros(len(train), dtype=torch.bool)
+    held[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]] = True
+    return Split(train.images[~held], train.labels[~held]), Split(train.images[held], train.labels[held])
+
+
 def train_sampler(n: int, world_size: int, rank: int, seed: int) -> DistributedSampler:
     """The shard of each rank: shuffled by (seed, epoch), padded so every rank takes the same steps."""
     return DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)

@@ -27,7 +27,7 @@ from . import tracking
 from .checkpoint import Checkpoint, nonfinite, save_weights, unflatten_optimizer, write_checkpoint
 from .config import TrainConfig, parse_config
 from .console import Console, Outputs, resolve_mode
-from .data import Split, eval_batches, load_data, train_batches, train_sampler
+from .data import Split, eval_batches, load_data, split_validation, train_batches, train_sampler
 from .distributed import agree, disagreeing_ranks, gather_rng, make_accelerator, restore_rng, shutdown, tensors_digest
 from .engine import Carry, Engine, make_sgd, match_param_layout, tune_for_device
 from .errors import DistmnistError, RunFailed, RunStopped, cli, signal_name
@@ -114,6 +114,7 @@ class Run:
     sampler: Any
     batches: Any
     test_batches: list
+    val_batches: list | None  # --val-size: this rank's share of the held-out training images
     carry: Carry | None  # an epoch interrupted in its middle, resumed at its exact step
     versions: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
@@ -122,7 +123,8 @@ class Run:
 def already_complete(accelerator, console: Console, folder: RunFolder | None, start: Start) -> list[dict[str, Any]]:
     """A finished run resumed again (a requeued job, a rerun script): train nothing, rewrite nothing."""
     ckpt = start.checkpoint
-    console.print(f"run {start.run_id} is already complete at epoch {ckpt.epoch}, nothing trained")
+    how = " (stopped early: no better validation accuracy)" if ckpt.state.get("early_stopped") else ""
+    console.print(f"run {start.run_id} is already complete at epoch {ckpt.epoch}{how}, nothing trained")
     error = None
     if folder is not None:
         try:
@@ -143,7 +145,8 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
     accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout, cfg.log_with,
                                    project_dir=str(tracking.logs_dir(cfg.output_dir)))
     stop.accelerator = accelerator
-    console = Console(resolve_mode(cfg.progress, accelerator.is_main_process), interval=cfg.log_interval)
+    console = Console(resolve_mode(cfg.progress, accelerator.is_main_process), interval=cfg.log_interval,
+                      validation=cfg.val_size > 0)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
 
     marks.append(time.perf_counter())
@@ -152,6 +155,9 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
         return already_complete(accelerator, console, folder, start)
     try:
         train, test = load_data(accelerator, cfg.data_dir, cfg.no_download, cfg.limit_train, cfg.limit_test)
+        val = None
+        if cfg.val_size:  # the same on every rank: the data digests agreed and the seed is the same
+            train, val = split_validation(train, cfg.val_size, cfg.seed)
         resident, graphs, notices = choose_paths(cfg, accelerator, train)
     except DistmnistError:
         if folder is not None:
@@ -204,6 +210,7 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
         cfg=cfg, accelerator=accelerator, console=console, folder=folder, start=start, model=model,
         optimizer=optimizer, engine=engine, sampler=sampler, batches=batches,
         test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device), carry=carry,
+        val_batches=None if val is None else eval_batches(val, world, rank, cfg.test_batch_size, device),
         versions=versions(accelerator),
     )
     run.engine.stop = stop
@@ -222,7 +229,10 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | list[dict[str, Any]]:
             ("batch", f"{cfg.batch_size} per process, {cfg.batch_size * world} global"),
             ("learning rate", spec.describe()),
             ("steps per epoch", str(len(run.batches))),
-            ("data", f"{len(train):,} train / {len(test):,} test images from {cfg.data_dir}"),
+            ("data", f"{len(train):,} train" + (f" / {len(val):,} validation" if val is not None else "")
+             + f" / {len(test):,} test images from {cfg.data_dir}"),
+            *([("early stop", f"after {cfg.early_stop} epoch(s) without a better validation accuracy")]
+              if cfg.early_stop else []),
             ("data path", "resident on device" if resident else "DataLoader"),
             ("CUDA graphs", "on" if graphs else "off"),
             ("epochs", f"{first}..{cfg.epochs}{resumed}"),
@@ -266,6 +276,13 @@ class Progress:
     step: int  # optimizer steps so far (per rank)
     newest: str | None  # the newest checkpoint written or resumed from (for messages)
     timings: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # --val-size: {"epoch", "val_accuracy", "val_loss"} of the best epoch so far
+    early_stopped: bool = False
+
+
+def improves(record: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    """A better validation result: higher accuracy, or the same accuracy at a lower loss."""
+    return best is None or (record["val_accuracy"], -record["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
 
 
 def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | None:
@@ -289,6 +306,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | No
                          stats.stop, silent=not run.accelerator.is_main_process)
     eval_start = time.perf_counter()
     result = run.engine.evaluate(run.test_batches)  # ends in a host read: the time is complete
+    val = None if run.val_batches is None else run.engine.evaluate(run.val_batches)
     eval_seconds = time.perf_counter() - eval_start
     return {
         "epoch": epoch,
@@ -304,6 +322,8 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | No
         "test_accuracy": result.accuracy,
         "test_correct": result.correct,
         "test_samples": result.samples,
+        **({} if val is None else {"val_loss": val.loss, "val_accuracy": val.accuracy, "val_correct": val.correct,
+                                   "val_samples": val.samples}),
         "world_size": world,
     }
 
@@ -360,11 +380,13 @@ def base_state(run: Run, progress: Progress, epoch: int) -> dict[str, Any]:
             "world_size": run.accelerator.num_processes, "config": run.cfg.to_dict(),
             "config_history": run.start.config_history or [{"from_epoch": 1, "from_step": 0,
                                                             "config": run.cfg.to_dict()}],
-            "metrics": progress.history, "versions": run.versions}
+            "metrics": progress.history, "versions": run.versions,
+            **({"best": progress.best, "early_stopped": progress.early_stopped} if run.val_batches is not None else {})}
 
 
-def save_epoch(run: Run, record: dict[str, Any], progress: Progress) -> None:
-    """Check, gather, and let the main process write; a failed write ends every rank together."""
+def save_epoch(run: Run, record: dict[str, Any], progress: Progress, best: bool = False) -> None:
+    """Check, gather, and let the main process write (with best: also best.safetensors); a failed
+    write ends every rank together."""
     accelerator = run.accelerator
     start = time.perf_counter()
     weights, optimizer = checked_state(run, progress, f"after epoch {record['epoch']}")
@@ -375,6 +397,8 @@ def save_epoch(run: Run, record: dict[str, Any], progress: Progress) -> None:
         try:
             write_checkpoint(path, weights, optimizer, rng, base_state(run, progress, record["epoch"]))
             run.folder.write_metrics(progress.history)
+            if best:
+                save_weights(weights, run.folder.best_weights())
             prune(run.folder.path, run.start.run_id, run.cfg.keep_checkpoints, path)  # only once it is complete
             progress.newest = str(path)
         except DistmnistError as err:
@@ -411,7 +435,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
     included) and the time spent on set-up and checkpoints."""
     cfg, accelerator, ckpt = run.cfg, run.accelerator, run.start.checkpoint
     progress = Progress(history=list(ckpt.state["metrics"]) if ckpt else [], step=int(ckpt.state["step"]) if ckpt else 0,
-                        newest=str(ckpt.path) if ckpt else None)
+                        newest=str(ckpt.path) if ckpt else None, best=ckpt.state.get("best") if ckpt else None)
     if run.carry is None and ckpt is not None and ckpt.mid_epoch:
         progress.step -= ckpt.mid_epoch["step"]  # the interrupted epoch restarts from its first step
     begin(run, progress)
@@ -422,9 +446,19 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
         for epoch in range(first_epoch(run), cfg.epochs + 1):
             record = train_epoch(run, epoch, progress)
             progress.history.append(record)
-            save_epoch(run, record, progress)
+            better = run.val_batches is not None and improves(record, progress.best)
+            if better:  # every rank decides alike: the record holds global numbers
+                progress.best = {k: record[k] for k in ("epoch", "val_accuracy", "val_loss")}
+            if cfg.early_stop and epoch - progress.best["epoch"] >= cfg.early_stop and epoch < cfg.epochs:
+                progress.early_stopped = True
+            save_epoch(run, record, progress, best=better)
             accelerator.log(record, step=record["step"])  # x axis: optimizer steps, as the step records
             run.console.epoch_done(record, cfg.epochs)
+            if progress.early_stopped:
+                run.console.print(f"early stop after epoch {epoch}: no better validation accuracy for "
+                                  f"{cfg.early_stop} epoch(s); the best was epoch {progress.best['epoch']} "
+                                  f"({100 * progress.best['val_accuracy']:.2f}%), kept as best.safetensors")
+                break
             code = stop.agreed() if epoch < cfg.epochs else 0  # a signal during evaluation or the save
             if code == DIVERGED:
                 raise diverged(run, progress, f"the loss became non-finite in epoch {epoch}")
@@ -452,6 +486,7 @@ def summary(run: Run, progress: Progress, started: float) -> dict[str, Any]:
         "config_history": run.start.config_history or [{"from_epoch": 1, "from_step": 0, "config": run.cfg.to_dict()}],
         "epochs_run": len(new),
         "final": progress.history[-1] if progress.history else None,
+        **({"best": progress.best, "early_stopped": progress.early_stopped} if run.val_batches is not None else {}),
         "seconds": {
             "process": seconds_since_process_start(),  # interpreter start -> now, imports included
             "main": time.perf_counter() - started,  # main() -> now
