@@ -14,6 +14,7 @@ the output folder or prints; every collective runs on every rank, and whatever e
 from __future__ import annotations
 
 import math
+import os
 import platform
 import signal
 import time
@@ -42,8 +43,6 @@ RESIDENT_HEADROOM = 4  # keep the data set on the GPU only if 4x its size is fre
 
 def choose_paths(cfg: TrainConfig, accelerator, train: Split) -> tuple[bool, bool, list[str]]:
     """(resident data, CUDA graphs, notices) from the flags and what the hardware allows."""
-    import os
-
     notices = []
     cuda = accelerator.device.type == "cuda"
     resident = cfg.data_path != "loader"
