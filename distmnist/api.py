@@ -36,7 +36,7 @@ from .evaluate import EvalReport, evaluate_checkpoint
 from .predict import Prediction, load_model
 from .predict import predict as classify
 from .report import Mistake
-from .rundir import CONFIG, FINAL, METRICS, read_config
+from .rundir import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
 from .train import run_training
 
 __all__ = ["train", "evaluate", "predict", "load_run", "TrainResult", "EpochRecord", "EvalReport", "Prediction",
@@ -85,8 +85,9 @@ class TrainResult:
     output_dir: Path
     config: dict[str, Any]  # the resolved config (defaults < config file < options), as config.json holds it
     history: list[EpochRecord]  # every finished epoch, resumed ones included
-    weights: Path | None  # OUTPUT_DIR/model.safetensors; None while the run has not finished
-    finished: bool  # trained to its `epochs` and wrote its final weights
+    weights: Path | None  # OUTPUT_DIR/model.safetensors, the last epoch's; None while the run has not finished
+    best: Path | None  # OUTPUT_DIR/best.safetensors, the best epoch's by validation accuracy (val_size > 0)
+    finished: bool  # trained to its `epochs` (or stopped early, early_stop) and wrote its final weights
 
     @property
     def final(self) -> EpochRecord | None:
@@ -143,10 +144,11 @@ def train(**options: Any) -> TrainResult:
     cfg = config_from(options)
     with _session():
         outcome = run_training(cfg)
+    out = Path(cfg.output_dir)
     return TrainResult(
-        run_id=outcome.run_id, output_dir=Path(cfg.output_dir), config=cfg.to_dict(),
-        history=[EpochRecord.from_dict(r) for r in outcome.history], weights=Path(cfg.output_dir) / FINAL,
-        finished=True,
+        run_id=outcome.run_id, output_dir=out, config=cfg.to_dict(),
+        history=[EpochRecord.from_dict(r) for r in outcome.history], weights=out / FINAL,
+        best=out / BEST if cfg.val_size else None, finished=True,
     )
 
 
@@ -251,6 +253,19 @@ def load_run(output_dir: str | os.PathLike) -> TrainResult:
             raise DistmnistError(f"{metrics}:{number}: not a record (a JSON object)")
         history.append(EpochRecord.from_dict(record, f"{metrics}:{number}"))
     weights = path / FINAL if (path / FINAL).is_file() else None
-    finished = weights is not None and bool(history) and history[-1].epoch >= config.get("epochs", 0)
+    # finished: run.json (written with the final weights) ends where metrics.jsonl ends, at --epochs or
+    # stopped early; a run resumed for more epochs has rewritten config.json and is not finished yet
+    summary = read_json(path / SUMMARY)
+    finished = (weights is not None and bool(history) and summary.get("final") == history[-1].to_dict()
+                and (history[-1].epoch >= config.get("epochs", 0) or summary.get("early_stopped") is True))
     return TrainResult(run_id=run_id, output_dir=path, config=config, history=history, weights=weights,
-                       finished=finished)
+                       best=path / BEST if (path / BEST).is_file() else None, finished=finished)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} when it is missing or not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

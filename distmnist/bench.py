@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import optim
 
+from .args import ArgumentParser
 from .data import FILES, find_file, load_mnist, train_batches, train_sampler, eval_batches
 from .distributed import make_accelerator
 from .engine import Engine, make_sgd, synchronize, tune_for_device
@@ -223,7 +224,7 @@ def stop_check_in_fresh_processes(argv: Sequence[str], world: int) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data", metavar="DIR", help="local MNIST IDX files (default: %(default)s)")
     p.add_argument("--tutorial-epochs", type=int, default=3, help="epochs of the tutorial pipeline (default: %(default)s)")
     p.add_argument("--fast-epochs", type=int, default=5, help="epochs of each distmnist row (default: %(default)s)")

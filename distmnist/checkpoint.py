@@ -203,6 +203,10 @@ def check_state(state: Any, source: Path) -> None:
         if not isinstance(mid, dict) or not all(_is_int(mid.get(k)) and mid[k] >= 0 for k in fields) \
                 or not 0 <= mid["step"] < mid["steps"] or not _is_number(mid.get("train_seconds", 0.0)):
             raise DistmnistError(f"{source}: 'mid_epoch' must hold integers {', '.join(fields)} with 0 <= step < steps")
+    best = state.get("best")
+    if best is not None and not (isinstance(best, dict) and _is_int(best.get("epoch")) and
+                                 _is_number(best.get("val_accuracy")) and _is_number(best.get("val_loss"))):
+        raise DistmnistError(f"{source}: 'best' must hold the best epoch's epoch, val_accuracy and val_loss")
     metrics = state.get("metrics")
     if not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics):
         raise DistmnistError(f"{source}: 'metrics' must be a list of epoch records")

@@ -4,6 +4,7 @@
     distmnist evaluate --checkpoint runs/mnist/model.safetensors --mistakes mistakes.png
     distmnist plot runs/mnist
     distmnist predict --checkpoint runs/mnist/model.safetensors my-digit.png
+    distmnist bench --data-dir ../shared/mnist
 
 Each subcommand's module is imported only when it runs, so ``distmnist predict`` does not pay for
 what ``train`` imports. Several processes: ``accelerate launch -m distmnist.train`` or ``torchrun``.
@@ -15,6 +16,7 @@ import importlib
 import sys
 
 from . import __version__
+from .args import did_you_mean
 
 COMMANDS = {
     "train": "train the CNN (same flags as python -m distmnist.train)",
@@ -22,6 +24,7 @@ COMMANDS = {
     "predict": "classify your own images of digits (PNG, JPEG, any size)",
     "plot": "PNG plots of a run: loss, accuracy, images/s per epoch, first-layer kernels",
     "serve": "web pages: draw a digit and see the model's answer live; watch a run's curves while it trains",
+    "bench": "time the tutorial's pipeline against distmnist's on this machine",
 }
 
 
@@ -44,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stderr)
         return 2
     if argv[0] not in COMMANDS:
-        print(f"{usage()}\n\ndistmnist: error: unknown command {argv[0]!r}", file=sys.stderr)
+        hint = did_you_mean(argv[0], COMMANDS)
+        if not hint and argv[0].startswith("-"):
+            hint = f"; flags follow a command, as in: distmnist train {argv[0]}"
+        print(f"distmnist: error: unknown command {argv[0]!r}{hint} (commands: {', '.join(COMMANDS)})",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(f"distmnist.{argv[0]}")
     return module.main(argv[1:])

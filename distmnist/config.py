@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import math
 import numbers
 import os
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .args import ArgumentParser, did_you_mean
 from .errors import DistmnistError
 
 
@@ -37,6 +37,11 @@ class TrainConfig:
     no_download: bool = _opt(False, "never download: fail with a clear error if the files are not in --data-dir")
     limit_train: int | None = _opt(None, "use only the first N training images (quick runs)", metavar="N")
     limit_test: int | None = _opt(None, "use only the first N test images (quick runs)", metavar="N")
+    val_size: int = _opt(0, "hold out N training images as a validation set (the same N images on every rank, "
+                         "drawn with --seed); each epoch reports validation accuracy and the best epoch's weights "
+                         "are kept as best.safetensors; 0 = none, the tutorial's recipe", metavar="N")
+    early_stop: int = _opt(0, "stop once validation accuracy has not improved for N epochs (needs --val-size); "
+                           "0 = never", metavar="PATIENCE")
     data_path: str = _opt("auto", "how batches reach the model: 'resident' keeps the data set on the device "
                           "and gathers batches there, 'loader' uses a DataLoader; auto = resident",
                           choices=("auto", "resident", "loader"))
@@ -46,6 +51,17 @@ class TrainConfig:
     test_batch_size: int = _opt(1000, "test images per process per evaluation batch")
     lr: float = _opt(0.01, "SGD learning rate (finite, > 0)")
     momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(0.0, "SGD weight decay (L2 penalty added to the gradient)", metavar="WD")
+    nesterov: bool = _opt(False, "Nesterov momentum")
+    lr_schedule: str = _opt("constant", "learning-rate schedule over the optimizer steps, --lr being its peak: "
+                            "constant, step (x --lr-gamma every --lr-step-size steps), cosine (down to --min-lr), "
+                            "onecycle (OneCycleLR: lr/25 up to lr, then down to lr/25/1e4)",
+                            choices=("constant", "step", "cosine", "onecycle"))
+    warmup_steps: int = _opt(0, "linear warm-up: step t < N runs at lr x (t+1)/N; for onecycle, the rising part "
+                             "(0 = the first 3 tenths of the run, as OneCycleLR)", metavar="N")
+    lr_step_size: int = _opt(0, "step schedule: optimizer steps between two decays (0 = one epoch)", metavar="N")
+    lr_gamma: float = _opt(0.7, "step schedule: factor of each decay", metavar="G")
+    min_lr: float = _opt(0.0, "cosine schedule: the learning rate it ends at", metavar="LR")
     seed: int = _opt(1, f"random seed (weights, shuffling, dropout), 0 to {MAX_SEED}")
     # hardware
     mixed_precision: str = _opt("no", "autocast precision through Accelerate (fp16 needs a GPU)",
@@ -66,6 +82,9 @@ class TrainConfig:
                                "(a hung or lost rank ends the run instead of blocking it)", metavar="SECONDS")
     log_with: str | None = _opt(None, "also log metrics to an Accelerate tracker (tensorboard, wandb, mlflow, ...); "
                                 "the package must be installed", metavar="TRACKER")
+    log_every: int = _opt(0, "also send the loss and learning rate of every Nth optimizer step to the --log-with "
+                          "tracker, read at the end of each epoch (0 = epochs only)", metavar="N")
+    log_interval: float = _opt(10.0, "plain console: seconds between progress lines, across epochs", metavar="SECONDS")
     progress: str = _opt("auto", "console: rich bars, plain lines, or nothing (auto = rich on a terminal)",
                          choices=("auto", "rich", "plain", "none"))
 
@@ -97,6 +116,26 @@ def _check(cfg: TrainConfig) -> None:
                              f"got {cfg.dist_timeout}")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise DistmnistError(f"--seed must be between 0 and {MAX_SEED}, got {cfg.seed}")
+    for name in ("warmup_steps", "lr_step_size", "log_every"):
+        if getattr(cfg, name) < 0:
+            raise DistmnistError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise DistmnistError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise DistmnistError("--nesterov needs a momentum > 0 (--momentum)")
+    if not (math.isfinite(cfg.lr_gamma) and cfg.lr_gamma > 0):
+        raise DistmnistError(f"--lr-gamma must be a finite number > 0, got {cfg.lr_gamma}")
+    if not 0 <= cfg.min_lr < cfg.lr:
+        raise DistmnistError(f"--min-lr must be in [0, --lr), got {cfg.min_lr}")
+    if not (math.isfinite(cfg.log_interval) and cfg.log_interval > 0):
+        raise DistmnistError(f"--log-interval must be a finite number > 0, got {cfg.log_interval}")
+    for name in ("val_size", "early_stop"):
+        if getattr(cfg, name) < 0:
+            raise DistmnistError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.early_stop and not cfg.val_size:
+        raise DistmnistError("--early-stop needs a validation set to watch: add --val-size N (e.g. 5000)")
+    if cfg.log_every and cfg.log_with is None:
+        raise DistmnistError("--log-every needs a tracker to send the steps to: add --log-with (tensorboard, ...)")
     for name, f in FIELDS.items():
         choices = f.metadata["choices"]
         if choices and getattr(cfg, name) not in choices:
@@ -183,13 +222,14 @@ def load_yaml(path: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
-            raise DistmnistError(f"--config: unknown key '{key}' in {p} (known: {', '.join(FIELDS)})")
+            raise DistmnistError(f"--config: unknown key '{key}' in {p}{did_you_mean(name, FIELDS)} "
+                                 f"(known: {', '.join(FIELDS)})")
         out[name] = _coerce(name, value, f"--config {p}")
     return out
 
 
 def build_parser(prog: str = "distmnist train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description="Train the classic MNIST CNN on one CPU, one GPU or many (launch with accelerate launch "
         "or torchrun for several processes).",
@@ -235,10 +275,8 @@ def config_from(options: Mapping[str, Any], source: str = "distmnist.train()") -
         values.update(load_yaml(os.fspath(config_file)))
     for name, value in options.items():
         if name not in FIELDS:
-            close = difflib.get_close_matches(name, list(FIELDS) + ["config"], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise DistmnistError(f"{source}: unknown option '{name}'{hint}; the options are config and the flags' "
-                                 f"names in snake_case: {', '.join(FIELDS)}")
+            raise DistmnistError(f"{source}: unknown option '{name}'{did_you_mean(name, [*FIELDS, 'config'])} "
+                                 f"(the options are config and the flags' names in snake_case: {', '.join(FIELDS)})")
         if isinstance(value, os.PathLike):  # data_dir=Path(...), output_dir=..., resume=...
             value = os.fspath(value)
         elif isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy integers

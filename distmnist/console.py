@@ -1,22 +1,47 @@
-"""What a person sees: rich on a terminal, plain periodic lines elsewhere, nothing on other ranks.
+"""What a person sees: rich on a terminal, plain timestamped lines elsewhere, nothing on other ranks.
 
 Only the main process builds a Console with a mode other than "none"; the training code calls it
 unconditionally.
+
+Rich (a terminal): the plan and a model summary table, then one table for the whole run whose
+header is printed once. Each finished epoch adds a row; below the rows, two live rows show the
+epoch under way and the run as a whole (elapsed and estimated time left for each). Every line fits
+in 80 columns, and a cell shows nothing until its value is known (no placeholder text).
+
+Plain (logs, SLURM, CI): self-describing lines with a timestamp. A progress line comes every
+--log-interval seconds on a clock that runs across epochs (so short epochs are covered too), and
+one line per finished epoch.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
+from rich import box
 from rich.console import Console as RichConsole
+from rich.live import Live
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
-PLAIN_INTERVAL_S = 10.0  # seconds between progress lines where stdout is not a terminal
-RICH_LOSS_INTERVAL_S = 0.5  # how often the live bar reads the loss from the device (a host sync)
+from .model import Layer
+
+PLAIN_INTERVAL_S = 10.0  # default seconds between progress lines where stdout is not a terminal
+RICH_LOSS_INTERVAL_S = 0.5  # how often the live rows read the loss from the device (a host sync)
+RICH_REFRESH_PER_S = 4  # redraws of the live rows (a rich thread; no device access)
+MIN_ESTIMATE_S = 0.5  # no time estimate before the epoch has run this long (first steps are warm-up)
+
+# The run table: (header, width). Finished epochs fill every column; the live rows put their bar
+# under "test loss" and "test accuracy". 72 columns with the gaps.
+COLUMNS = (("epoch", 6), ("train loss", 10), ("test loss", 9), ("test accuracy", 13), ("images/s", 9),
+           ("time", 7), ("left", 6))
+VALIDATION_COLUMNS = (COLUMNS[0], COLUMNS[1], ("val acc", 9), *COLUMNS[3:])  # --val-size: same widths
+GAP = 2
+BAR_SPAN = COLUMNS[2][1] + GAP + COLUMNS[3][1]  # the live bar and its count fill these two columns
 
 
 def resolve_mode(mode: str, is_main: bool) -> str:
@@ -25,6 +50,102 @@ def resolve_mode(mode: str, is_main: bool) -> str:
     if mode == "auto":
         return "rich" if sys.stdout.isatty() else "plain"
     return mode
+
+
+def clock(seconds: float | None) -> str:
+    """0:07, 12:30, 1:02:03; '' for an unknown duration."""
+    if seconds is None:
+        return ""
+    seconds = int(round(max(seconds, 0.0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# ---------------------------------------------------------------- time estimates
+
+
+class RunClock:
+    """Elapsed and remaining time of the epoch under way and of the whole run (this invocation).
+
+    Epoch: remaining steps at the epoch's mean step rate so far (at the earlier epochs' pace during
+    its first half second, when warm-up dominates). Run: that, plus the epoch's test
+    and checkpoint time, plus the epochs still to come at the wall time of the epochs already done
+    (test and checkpoint included; the first epoch, with its warm-up, only while it is the only one).
+    """
+
+    def __init__(self, epochs: int, now: Callable[[], float] = time.perf_counter):
+        self.epochs, self.now = epochs, now
+        self.run_start: float | None = None
+        self.first_epoch = 1  # the first epoch this invocation trains (later for a resumed run)
+        self.epoch = 0
+        self.steps = 1
+        self.step = 0
+        self.epoch_start = self.train_end = 0.0
+        self.walls: list[float] = []  # wall time of each finished epoch: train, test, checkpoint
+        self.trains: list[float] = []  # the training part of each
+
+    def begin_epoch(self, epoch: int, steps: int) -> None:
+        t = self.now()
+        if self.run_start is None:
+            self.run_start, self.first_epoch = t, epoch
+        self.epoch, self.steps, self.step = epoch, max(steps, 1), 0
+        self.epoch_start = self.train_end = t
+
+    def update(self, step: int) -> None:
+        self.step = step
+
+    def end_training(self) -> None:
+        self.train_end = self.now()
+
+    def end_epoch(self) -> None:
+        t = self.now()
+        self.walls.append(t - self.epoch_start)
+        self.trains.append(self.train_end - self.epoch_start)
+        self.step = self.steps
+
+    def run_elapsed(self) -> float:
+        return 0.0 if self.run_start is None else self.now() - self.run_start
+
+    def epoch_elapsed(self) -> float:
+        return self.now() - self.epoch_start
+
+    def _typical(self, values: list[float]) -> float | None:
+        later = values[1:] or values  # the first epoch carries the warm-up
+        return sum(later) / len(later) if later else None
+
+    def epoch_left(self) -> float | None:
+        """Seconds of training left in this epoch; None until measurable."""
+        elapsed = self.epoch_elapsed()
+        if self.step >= self.steps:
+            return 0.0
+        if self.step == 0 or elapsed < MIN_ESTIMATE_S:  # too early in this epoch: the earlier ones' pace
+            train = self._typical(self.trains)
+            return None if train is None else train * (self.steps - self.step) / self.steps
+        return elapsed / self.step * (self.steps - self.step)
+
+    def run_left(self) -> float | None:
+        """Seconds left in the run; None until measurable."""
+        wall = self._typical(self.walls)
+        after = self.epochs - self.epoch  # epochs after this one
+        if self.step >= self.steps:  # between epochs (test, checkpoint) or at an epoch's end
+            return None if wall is None and after else (wall or 0.0) * after
+        left = self.epoch_left()
+        if left is None:
+            return None
+        train = self._typical(self.trains)
+        overhead = max(wall - train, 0.0) if wall is not None and train is not None else 0.0
+        per_epoch = wall if wall is not None else self.epoch_elapsed() + left
+        return left + overhead + after * per_epoch
+
+    def fraction(self) -> float:
+        """Share of this invocation's training done (from the first epoch it trains)."""
+        total = self.epochs - self.first_epoch + 1
+        done = self.epoch - self.first_epoch + self.step / self.steps
+        return min(max(done / max(total, 1), 0.0), 1.0)
+
+
+# ---------------------------------------------------------------- progress of one epoch
 
 
 class _NoProgress:
@@ -38,71 +159,155 @@ class _NoProgress:
         pass
 
 
-class _PlainProgress(_NoProgress):
-    """A line every PLAIN_INTERVAL_S seconds: epoch, step, loss, images/s."""
+class _Tracked(_NoProgress):
+    """Feeds the run clock; the rate and the loss are read at most every `interval` seconds."""
 
-    def __init__(self, out: "Console", epoch: int, epochs: int, steps: int, images_per_step: int):
-        self.out, self.epoch, self.epochs, self.steps, self.images_per_step = out, epoch, epochs, steps, images_per_step
-        self.start = self.last = time.perf_counter()
-
-    def update(self, step: int, running_loss: Callable[[], float]) -> None:
-        now = time.perf_counter()
-        if now - self.last < PLAIN_INTERVAL_S or step == self.steps:
-            return
-        self.last = now
-        rate = step * self.images_per_step / (now - self.start)
-        self.out.print(
-            f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} loss {running_loss():.4f} {rate:,.0f} images/s"
-        )
-
-
-class _RichProgress(_NoProgress):
-    def __init__(self, console: RichConsole, epoch: int, epochs: int, steps: int, images_per_step: int):
+    def __init__(self, clock: RunClock, epoch: int, epochs: int, steps: int, images_per_step: int):
+        self.clock, self.epoch, self.epochs, self.steps = clock, epoch, epochs, steps
         self.images_per_step = images_per_step
-        self.progress = Progress(
-            TextColumn(f"epoch {epoch}/{epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]} images/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task = self.progress.add_task("train", total=steps, loss="-", rate="-")
-        self.start = self.last = time.perf_counter()
+        self.loss: float | None = None
+        self.rate: float | None = None
 
     def __enter__(self):
-        self.progress.start()
+        self.begin()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        self.clock.end_training()
+
+    def begin(self) -> None:
+        self.clock.begin_epoch(self.epoch, self.steps)
+        self.last_read = self.clock.now()
+
+    def measure(self, step: int, running_loss: Callable[[], float]) -> None:
+        elapsed = self.clock.epoch_elapsed()
+        self.loss = running_loss()  # a host sync: callers keep it rare
+        if elapsed > 0:
+            self.rate = step * self.images_per_step / elapsed
+
+
+class _PlainProgress(_Tracked):
+    """A timestamped line every `interval` seconds of the run, whichever epoch it falls in."""
+
+    def __init__(self, out: "Console", *args):
+        super().__init__(out.clock, *args)
+        self.out = out
 
     def update(self, step: int, running_loss: Callable[[], float]) -> None:
-        now = time.perf_counter()
-        fields = {}
-        if now - self.last >= RICH_LOSS_INTERVAL_S:
-            self.last = now
-            fields = {"loss": f"{running_loss():.4f}", "rate": f"{step * self.images_per_step / (now - self.start):,.0f}"}
-        self.progress.update(self.task, completed=step, **fields)
+        self.clock.update(step)
+        now = self.clock.now()
+        if now - self.out.last_line < self.out.interval or step == self.steps:
+            return
+        self.out.last_line = now
+        self.measure(step, running_loss)
+        parts = [f"epoch {self.epoch}/{self.epochs}: {100 * step / self.steps:.0f}% ({step}/{self.steps} steps)",
+                 f"loss {self.loss:.4f}", f"{self.rate:,.0f} images/s"]
+        epoch_left, run_left = self.clock.epoch_left(), self.clock.run_left()
+        if epoch_left is not None:
+            parts.append(f"epoch left {clock(epoch_left)}")
+        if run_left is not None:
+            parts.append(f"run left {clock(run_left)}")
+        self.out.line("  ".join(parts))
+
+
+class _RichProgress(_Tracked):
+    """Two live rows under the run table: this epoch, and the run."""
+
+    def __init__(self, console: RichConsole, *args, ranks: int = 1):
+        super().__init__(*args)
+        self.ranks = ranks
+        self.live = Live(self, console=console, transient=True, refresh_per_second=RICH_REFRESH_PER_S)
+
+    def __enter__(self):
+        super().__enter__()
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.stop()
+        super().__exit__(*exc)
+
+    def update(self, step: int, running_loss: Callable[[], float]) -> None:
+        self.clock.update(step)
+        now = self.clock.now()
+        if now - self.last_read >= RICH_LOSS_INTERVAL_S:
+            self.last_read = now
+            self.measure(step, running_loss)
+
+    def __rich__(self) -> Table:
+        return live_rows(self.clock, self.loss, self.rate, self.ranks)
+
+
+def live_rows(clock_: RunClock, loss: float | None, rate: float | None, ranks: int = 1) -> Table:
+    """The epoch row and the run row, aligned with the run table (blank cells until known)."""
+    grid = _grid()
+    label_width = max(len(f"{clock_.steps}/{clock_.steps}"), 4)  # both bars the same length
+    epoch_bar = _bar(clock_.step, clock_.steps, f"{clock_.step}/{clock_.steps}", label_width)
+    # a running loss is this process's share of the epoch: say so when there are several
+    loss_text = "" if loss is None else (f"{loss:.4f}" if ranks == 1 else f"r0 {loss:.4f}")
+    grid.add_row(f"{clock_.epoch}/{clock_.epochs}", loss_text, epoch_bar, "" if rate is None else f"{rate:,.0f}",
+                 clock(clock_.epoch_elapsed()), clock(clock_.epoch_left()))
+    fraction = clock_.fraction()
+    grid.add_row("run", "", _bar(round(1000 * fraction), 1000, f"{100 * fraction:.0f}%", label_width), "",
+                 clock(clock_.run_elapsed()), clock(clock_.run_left()))
+    return grid
+
+
+def _grid() -> Table:
+    """A borderless table with the run table's column widths, the bar spanning two of them."""
+    grid = Table.grid(padding=(0, GAP))
+    widths = [w for _, w in COLUMNS[:2]] + [BAR_SPAN] + [w for _, w in COLUMNS[4:]]
+    for width in widths:
+        grid.add_column(justify="right", width=width, no_wrap=True)
+    return grid
+
+
+def _bar(completed: int, total: int, label: str, label_width: int) -> Table:
+    width = BAR_SPAN - 1 - label_width
+    cell = Table.grid(padding=(0, 1))
+    cell.add_column(width=width, no_wrap=True)
+    cell.add_column(justify="right", width=label_width, no_wrap=True)
+    cell.add_row(ProgressBar(total=total, completed=completed, width=width), label)
+    return cell
+
+
+# ---------------------------------------------------------------- the console
+
+
+@dataclass
+class Outputs:
+    """Where a run's files are, for the final summary."""
+
+    output_dir: str
+    files: Sequence[str]  # names inside output_dir
+    tracker: str | None = None  # tracker name and where it writes
 
 
 class Console:
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, interval: float = PLAIN_INTERVAL_S, rich_console: RichConsole | None = None,
+                 now: Callable[[], float] = time.perf_counter, validation: bool = False):
         self.mode = mode
-        self.rich = RichConsole(highlight=False) if mode == "rich" else None
+        self.validation = validation  # a validation set: its accuracy takes the test loss's column
+        self.rich = (rich_console or RichConsole(highlight=False)) if mode == "rich" else None
+        self.interval = interval  # plain mode: seconds between progress lines
+        self.now = now
+        self.clock: RunClock | None = None
+        self.last_line = now()  # plain mode: when the last progress line was printed
+        self.header_shown = False
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    def print(self, text: str = "") -> None:
+    def print(self, text: Any = "") -> None:
         if self.rich is not None:
             self.rich.print(text)
         elif self.enabled:
             print(text, flush=True)
+
+    def line(self, text: str) -> None:
+        """A plain-mode log line with a timestamp."""
+        self.print(f"{time.strftime('%H:%M:%S')}  {text}")
 
     def notice(self, text: str) -> None:
         """Something the user should know (a fallback, a skipped checkpoint); always shown on main."""
@@ -111,57 +316,157 @@ class Console:
         elif self.enabled:
             print(f"notice: {text}", flush=True)
 
-    def plan(self, rows: list[tuple[str, str]], model_repr: str) -> None:
+    # ------------------------------------------------------------ before training
+
+    def plan(self, rows: list[tuple[str, str]], layers: list[Layer]) -> None:
         if not self.enabled:
             return
+        rows = [("started", time.strftime("%Y-%m-%d %H:%M:%S")), *rows]
         if self.rich is None:
             self.print("distmnist run plan")
             for key, value in rows:
                 self.print(f"  {key}: {value}")
-            self.print(model_repr)
+            self.print("layers, in the order the forward pass calls them:")
+            for line in model_lines(layers):
+                self.print(f"  {line}")
             return
         table = Table.grid(padding=(0, 2))
-        table.add_column(style="bold cyan")
-        table.add_column()
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column(overflow="fold")  # long paths wrap whole instead of ending in an ellipsis
         for key, value in rows:
             table.add_row(key, value)
         self.rich.print(Panel(table, title="distmnist", expand=False))
-        self.rich.print(model_repr)
+        self.rich.print(model_table(layers))
 
-    def progress(self, epoch: int, epochs: int, steps: int, images_per_step: int):
+    # ------------------------------------------------------------ training
+
+    def progress(self, epoch: int, epochs: int, steps: int, images_per_step: int, ranks: int = 1):
+        if not self.enabled:
+            return _NoProgress()
+        if self.clock is None:
+            self.clock = RunClock(epochs, self.now)
         if self.mode == "rich":
-            return _RichProgress(self.rich, epoch, epochs, steps, images_per_step)
-        if self.mode == "plain":
-            return _PlainProgress(self, epoch, epochs, steps, images_per_step)
-        return _NoProgress()
+            if not self.header_shown:
+                self.rich.print(Text(run_header(VALIDATION_COLUMNS if self.validation else COLUMNS), style="bold"))
+                self.header_shown = True
+            return _RichProgress(self.rich, self.clock, epoch, epochs, steps, images_per_step, ranks=ranks)
+        return _PlainProgress(self, epoch, epochs, steps, images_per_step)
 
     def epoch_done(self, record: dict[str, Any], epochs: int) -> None:
-        line = (
-            f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  "
-            f"test loss {record['test_loss']:.4f}  test accuracy {100 * record['test_accuracy']:.2f}% "
-            f"({record['test_correct']}/{record['test_samples']})  {record['train_seconds']:.2f} s  "
-            f"{record['train_samples_per_second']:,.0f} images/s"
-        )
-        self.print(line)
+        if not self.enabled:
+            return
+        if self.clock is not None:
+            self.clock.end_epoch()
+        run_left = None if self.clock is None else self.clock.run_left()
+        accuracy = f"{100 * record['test_accuracy']:.2f}%"
+        val = f"{100 * record['val_accuracy']:.2f}%" if "val_accuracy" in record else None
+        if self.rich is None:
+            self.line(
+                f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  "
+                + (f"val accuracy {val}  " if val else f"test loss {record['test_loss']:.4f}  ")
+                + f"test accuracy {accuracy}  "
+                f"{record['train_samples_per_second']:,.0f} images/s"
+                + (f"  run left {clock(run_left)}" if record["epoch"] < epochs and run_left is not None else "")
+            )
+            return
+        wall = None if self.clock is None or not self.clock.walls else self.clock.walls[-1]
+        grid = _grid_full()
+        grid.add_row(f"{record['epoch']}/{epochs}", f"{record['train_loss']:.4f}", val or f"{record['test_loss']:.4f}",
+                     accuracy, f"{record['train_samples_per_second']:,.0f}", clock(wall), "")
+        self.rich.print(grid)
 
-    def summary(self, records: list[dict[str, Any]], output_dir: str, wall_seconds: float) -> None:
+    # ------------------------------------------------------------ after training
+
+    def summary(self, records: list[dict[str, Any]], first_epoch: int, wall_seconds: float,
+                timings: dict[str, float], outputs: Outputs) -> None:
+        """What the epoch rows do not say: where the time went, last and highest test accuracy, the files.
+
+        records: every epoch of the run (a resumed run's earlier ones too); first_epoch: the first
+        one this invocation trained. Without a validation set the highest test accuracy is only
+        that: choosing an epoch by it would be choosing on the test set, so it is not called best.
+        """
         if not self.enabled or not records:
             return
+        lines = summary_lines(records, first_epoch, wall_seconds, timings, outputs)
         if self.rich is None:
-            best = max(records, key=lambda r: r["test_accuracy"])
-            self.print(
-                f"done: {len(records)} epochs, final test accuracy {100 * records[-1]['test_accuracy']:.2f}%, "
-                f"best {100 * best['test_accuracy']:.2f}% (epoch {best['epoch']}), {wall_seconds:.1f} s; "
-                f"outputs in {output_dir}"
-            )
+            for line in lines:
+                self.print(line)
             return
-        table = Table(title="summary")
-        for col in ("epoch", "train loss", "test loss", "test accuracy", "train s", "images/s"):
-            table.add_column(col, justify="right")
-        for r in records:
-            table.add_row(
-                str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['test_loss']:.4f}",
-                f"{100 * r['test_accuracy']:.2f}%", f"{r['train_seconds']:.2f}", f"{r['train_samples_per_second']:,.0f}",
-            )
-        self.rich.print(table)
-        self.rich.print(f"wall time {wall_seconds:.1f} s; outputs in [bold]{output_dir}[/]")
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold cyan", no_wrap=True)
+        grid.add_column(overflow="fold")
+        for line in lines:
+            key, _, value = line.partition(": ")
+            grid.add_row(key, value)
+        self.rich.print(Panel(grid, title="done", expand=False))
+
+
+def _grid_full() -> Table:
+    grid = Table.grid(padding=(0, GAP))
+    for _, width in COLUMNS:
+        grid.add_column(justify="right", width=width, no_wrap=True)
+    return grid
+
+
+def run_header(columns=COLUMNS) -> str:
+    return (" " * GAP).join(f"{name:>{width}}" for name, width in columns)
+
+
+def model_lines(layers: list[Layer]) -> list[str]:
+    """The model summary as fixed-width text (plain mode)."""
+    out = [f"{'layer':<8}  {'type':<10}  {'output shape':>14}  {'parameters':>10}"]
+    for layer in layers:
+        out.append(f"{layer.name:<8}  {layer.kind:<10}  {shape(layer.output_shape):>14}  {layer.parameters:>10,}")
+    out.append(f"{'total':<8}  {'':<10}  {'':>14}  {sum(l.parameters for l in layers):>10,}")
+    return out
+
+
+def model_table(layers: list[Layer]) -> Table:
+    total = sum(layer.parameters for layer in layers)
+    table = Table(title="layers, in the order the forward pass calls them", show_footer=True, title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("layer", footer="total")
+    table.add_column("type")
+    table.add_column("output shape", justify="right")
+    table.add_column("parameters", justify="right", footer=f"{total:,}")
+    for layer in layers:
+        table.add_row(layer.name, layer.kind, shape(layer.output_shape), f"{layer.parameters:,}")
+    return table
+
+
+def shape(dims: tuple[int, ...]) -> str:
+    return " x ".join(map(str, dims))
+
+
+def summary_lines(records: list[dict[str, Any]], first_epoch: int, wall_seconds: float, timings: dict[str, float],
+                  outputs: Outputs) -> list[str]:
+    new = [r for r in records if r["epoch"] >= first_epoch]
+    train = sum(r["train_seconds"] for r in new)
+    test = sum(r["eval_seconds"] for r in new)
+    setup, checkpoints = timings.get("setup", 0.0), timings.get("checkpoint", 0.0)
+    other = max(wall_seconds - setup - train - test - checkpoints, 0.0)
+    last = records[-1]
+    top = max(records, key=lambda r: (r["test_accuracy"], -r["epoch"]))  # the earliest of equals
+    trained = f"epochs {first_epoch}-{last['epoch']}" if len(new) > 1 else f"epoch {last['epoch']}"
+    final = (f"{100 * last['test_accuracy']:.2f}% after the last epoch ({last['epoch']}), "
+             f"{last['test_correct']:,}/{last['test_samples']:,}")
+    if last["test_accuracy"] >= top["test_accuracy"]:
+        final += ", the highest of the run"
+    else:
+        final += f"; highest {100 * top['test_accuracy']:.2f}% after epoch {top['epoch']}"
+    if "val_accuracy" in last:  # a validation set chose the best epoch, not the test set
+        best = max((r for r in records if "val_accuracy" in r), key=lambda r: (r["val_accuracy"], -r["val_loss"],
+                                                                               -r["epoch"]))
+        final = (f"{100 * last['test_accuracy']:.2f}% after the last epoch ({last['epoch']}); "
+                 f"{100 * best['test_accuracy']:.2f}% after the best one")
+    lines = [
+        f"wall time: {clock(wall_seconds)} for {trained}: set-up {setup:.1f} s, training {train:.1f} s, "
+        f"testing {test:.1f} s, checkpoints {checkpoints:.1f} s, other {other:.1f} s",
+        *([f"validation: best {100 * best['val_accuracy']:.2f}% after epoch {best['epoch']} (best.safetensors), "
+           f"{100 * last['val_accuracy']:.2f}% after the last"] if "val_accuracy" in last else []),
+        f"test accuracy: {final}",
+        f"files: {outputs.output_dir}/ {', '.join(outputs.files)}",
+    ]
+    if outputs.tracker:
+        lines.append(f"tracker: {outputs.tracker}")
+    return lines

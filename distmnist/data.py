@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import re
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ FILES = {
 }
 IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the only type MNIST uses
 DOWNLOAD_TIMEOUT_S = 20  # per socket operation, so an offline machine fails fast
+DEFAULT_DIR = "data"  # --data-dir's default (config.py): where a first run downloads to
 DOWNLOAD_STALL_S = 15  # give up once no byte has arrived for this long (DNS, connects and retries included)
 
 
@@ -124,10 +126,15 @@ def download(data_dir: Path) -> None:
     torchvision tries every mirror and every address of each with the socket timeout, so where packets
     are silently dropped it could wait minutes. The fetch runs in a daemon thread instead, and gives up
     as soon as no byte has arrived for DOWNLOAD_STALL_S seconds; a slow but live link is never cut.
+    A failed download leaves nothing behind: the files it wrote (possibly partial) and the folders
+    it created are removed, so a mistyped --data-dir does not turn into an empty folder tree.
     """
     from torchvision.datasets import MNIST
 
     raw = data_dir / "MNIST" / "raw"
+    existed = data_dir.is_dir()
+    new_folders = [p for p in (raw, *raw.parents) if not p.exists()]  # what makedirs will create, deepest first
+    old_files = set(raw.iterdir()) if raw.is_dir() else set()
     failure: list[BaseException] = []
 
     def fetch() -> None:
@@ -160,11 +167,44 @@ def download(data_dir: Path) -> None:
     finally:
         socket.setdefaulttimeout(previous)
     if failure:
-        raise DistmnistError(
-            f"could not download MNIST ({failure[0]}). Put the four IDX files "
-            f"({', '.join(n for pair in FILES.values() for n in pair)}, .gz or not) in {data_dir} "
-            f"or {data_dir / 'MNIST' / 'raw'} and run again with --data-dir {data_dir}"
-        )
+        remove_new(raw, old_files, new_folders)
+        raise DistmnistError(offline_message(data_dir, download_failure(failure[0]), existed))
+
+
+def remove_new(raw: Path, old_files: set[Path], new_folders: list[Path]) -> None:
+    """Undo a failed download: files that were not there before, then the folders it created, if empty."""
+    try:
+        for path in set(raw.iterdir()) - old_files:
+            if path.is_file():
+                path.unlink(missing_ok=True)
+    except OSError:
+        pass
+    for folder in new_folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else put files there) or already gone
+            pass
+
+
+def download_failure(err: BaseException) -> str:
+    """One line for why a download failed. torchvision's message lists every mirror on several lines
+    ("Error downloading ...:\nTried URL, got:\n<reason>\n..."); its last reason is kept."""
+    text = str(err).strip()
+    reasons = [line for line in text.splitlines() if line.strip() and not line.startswith(("Error downloading",
+                                                                                             "Tried "))]
+    reason = reasons[-1] if reasons else text.splitlines()[0] if text else type(err).__name__
+    match = re.fullmatch(r"<urlopen error (.*)>", reason.strip())  # URLError's own wrapping
+    return (match.group(1) if match else reason).strip()
+
+
+def offline_message(data_dir: Path, reason: str, existed: bool) -> str:
+    where = f"{data_dir} (or {data_dir / 'MNIST' / 'raw'})"
+    names = ", ".join(n for pair in FILES.values() for n in pair)
+    start = f"could not download MNIST ({reason})"
+    if not existed and data_dir != Path(DEFAULT_DIR):
+        start += f" into {data_dir}, which did not exist (is --data-dir mistyped?)"
+    return (f"{start}. Put the four IDX files ({names}, .gz or not) in {where}, "
+            "or point --data-dir at a folder that holds them")
 
 
 def load_mnist(data_dir: str | Path, allow_download: bool = True) -> tuple[Split, Split]:
@@ -220,6 +260,17 @@ def load_data(accelerator, data_dir: str | Path, no_download: bool, limit_train:
 
 
 # ---------------------------------------------------------------- batches
+
+
+def split_validation(train: Split, n: int, seed: int) -> tuple[Split, Split]:
+    """(train without them, validation): n images drawn with the seed, the same on every rank (whose
+    data the digest check has shown identical). Both keep the images' order in the file; n = 0
+    leaves the training set exactly as it was."""
+    if not 0 < n < len(train):
+        raise DistmnistError(f"--val-size {n} must be between 1 and {len(train) - 1}, the training images less one")
+    held = torch.zeros(len(train), dtype=torch.bool)
+    held[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]] = True
+    return Split(train.images[~held], train.labels[~held]), Split(train.images[held], train.labels[held])
 
 
 def train_sampler(n: int, world_size: int, rank: int, seed: int) -> DistributedSampler:

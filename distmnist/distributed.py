@@ -90,22 +90,6 @@ def make_accelerator(cpu: bool, mixed_precision: str, timeout_s: float | None = 
     return accelerator
 
 
-def init_trackers(accelerator, log_with: str | None, run_id: str, config: dict) -> None:
-    """Start --log-with's tracker with one run name per run id: a resumed run continues its own curve
-    and a new run starts a new one. File-based trackers (tensorboard, ...) write to
-    PROJECT_DIR/RUN_ID; the others (wandb, mlflow, ...) keep the project "distmnist" and name the run."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    if log_with is None:
-        return
-    trackers = [LOGGER_TYPE_TO_CLASS.get(str(t)) for t in accelerator.log_with]
-    file_based = bool(trackers) and all(t is not None and t.requires_logging_directory for t in trackers)
-    accelerator.init_trackers(
-        run_id if file_based else "distmnist", config={"run_id": run_id, **config},
-        init_kwargs={"wandb": {"name": run_id, "id": run_id, "resume": "allow"}, "mlflow": {"run_name": run_id}},
-    )
-
-
 def shutdown(accelerator) -> None:
     """Meet, then tear the process group down while the interpreter is fully alive (gloo's worker
     threads can abort the process if it is left to interpreter exit)."""

@@ -1,22 +1,25 @@
 """Train one epoch and evaluate: rank-agnostic, typed results, no host syncs inside the step.
 
 The training loss accumulates on the device; it reaches the host only when the console asks for
-it (at its refresh interval) and at the end of the epoch. On one CUDA process the whole step
-(forward, backward, optimizer step, loss accumulation) is captured once as a CUDA graph after a
-few real eager steps and replayed from then on; a short last batch runs eagerly.
+it (at its refresh interval) and at the end of the epoch. The learning rate is a device tensor
+that the schedule (schedule.py) advances inside the step; with --log-every, each step's loss is
+also written into a device buffer, read once with the epoch's totals. On one CUDA process the
+whole step (forward, backward, lr update, optimizer step, loss accumulation) is captured once as a
+CUDA graph after a few real eager steps and replayed from then on; a short last batch runs eagerly.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .model import to_input
+from .schedule import LRSchedule
 from .signals import CHECK_EVERY, StopRequests
 
 GRAPH_WARMUP_STEPS = 3  # real training steps run eagerly (on a side stream) before capture
@@ -27,8 +30,9 @@ class EpochStats:
     loss: float  # mean training loss over every image of every rank
     samples: int  # training images seen by all ranks together
     steps: int  # optimizer steps per rank
-    seconds: float  # wall time of the training part, device work included (resumed epochs: both parts)
+    seconds: float  # wall time of the training part, device work included
     capture_seconds: float  # time spent capturing the CUDA graph (part of `seconds`), 0 if none
+    step_losses: list[float] = field(default_factory=list)  # each step's loss this call, mean over ranks (if recorded)
     stop: int = 0  # the agreed stop code (a signal number, signals.DIVERGED) when the epoch ended early
     epoch_step: int = 0  # steps done in the epoch by each rank, resumed ones included
 
@@ -56,10 +60,13 @@ class StepProgress(Protocol):
     def update(self, step: int, running_loss: Callable[[], float]) -> None: ...
 
 
-def make_sgd(model: torch.nn.Module, lr: float, momentum: float, device: torch.device) -> torch.optim.SGD:
+def make_sgd(model: torch.nn.Module, lr: float, momentum: float, device: torch.device, weight_decay: float = 0.0,
+             nesterov: bool = False) -> torch.optim.SGD:
     """The tutorial's SGD with the fused kernel: one launch per step on CUDA instead of one per tensor
-    op, and on the CPU about 0.2 s less per epoch than the per-parameter loop."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, fused=True)
+    op, and on the CPU about 0.2 s less per epoch than the per-parameter loop. weight_decay (L2, added
+    to the gradient) and nesterov are the fused kernel's own options."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov, fused=True)
 
 
 def tune_for_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -92,7 +99,8 @@ def synchronize(device: torch.device) -> None:
 class Engine:
     """Owns the step: receives a prepared model and optimizer from outside."""
 
-    def __init__(self, accelerator, model, optimizer, cuda_graphs: bool = False):
+    def __init__(self, accelerator, model, optimizer, cuda_graphs: bool = False, schedule: LRSchedule | None = None,
+                 record_step_losses: bool = False):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.device = accelerator.device
         self.cuda_graphs = cuda_graphs
@@ -106,6 +114,13 @@ class Engine:
         self.samples = 0  # this rank's images so far in the epoch
         self.steps_done = 0  # optimizer steps since the start of training (this process)
         self.stop: StopRequests | None = None  # set by the caller: signals and divergence end an epoch early
+        self.schedule = schedule  # None: the optimizer's own (float) lr, as bench.py uses it
+        if schedule is not None:
+            schedule.install(inner)
+        # --log-every: loss of each step of the epoch, written at a device-side index (graph-safe)
+        self.record_step_losses = record_step_losses
+        self.step_losses: torch.Tensor | None = None
+        self.epoch_step = torch.zeros(1, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------ the step
 
@@ -113,8 +128,14 @@ class Engine:
         self._opt.zero_grad(set_to_none=True)
         loss = F.nll_loss(self.model(to_input(images)), labels)
         self.accelerator.backward(loss)
+        if self.schedule is not None:
+            self.schedule.advance()  # device ops: this step's lr from the device step counter
         self._opt.step()
-        self.loss_sum.add_(loss.detach(), alpha=labels.shape[0])  # one kernel, no host sync
+        loss = loss.detach()
+        self.loss_sum.add_(loss, alpha=labels.shape[0])  # one kernel, no host sync
+        if self.step_losses is not None:
+            self.step_losses.index_copy_(0, self.epoch_step, loss.float().reshape(1))
+            self.epoch_step.add_(1)
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Record one step with static buffers; nothing runs until the first replay."""
@@ -171,6 +192,11 @@ class Engine:
         start_step = carry.step if carry else 0
         self.loss_sum.fill_(carry.loss_sum if carry else 0.0)
         self.samples = carry.samples if carry else 0
+        if self.record_step_losses:
+            if self.step_losses is None:  # allocated before any capture, so the graph writes into it
+                self.step_losses = torch.zeros(len(batches), device=self.device)
+            self.step_losses.zero_()
+            self.epoch_step.fill_(start_step)
         single = self.accelerator.num_processes == 1
         steps, capture, stop = start_step, 0.0, 0
         synchronize(self.device)
@@ -186,16 +212,20 @@ class Engine:
             if progress is not None:
                 progress.update(steps, lambda n=self.samples: self.running_loss(n))
             if self.stop is not None and (single or steps % CHECK_EVERY == 0) and steps < len(batches):
-                stop = self.stop.agreed()
+                stop = self.stop.agreed()  # outside any CUDA graph: between replays
                 if stop:
                     break
         synchronize(self.device)
         seconds = time.perf_counter() - start + (carry.seconds if carry else 0.0)
-        totals = torch.stack([self.loss_sum.double(), torch.tensor(float(self.samples), device=self.device).double()])
-        totals = self.accelerator.reduce(totals, reduction="sum")
-        global_loss, global_samples = totals.tolist()
+        parts = [self.loss_sum.double().reshape(1), torch.tensor([float(self.samples)], device=self.device).double()]
+        if self.step_losses is not None:
+            parts.append(self.step_losses[start_step:steps].double())
+        totals = self.accelerator.reduce(torch.cat(parts), reduction="sum").tolist()  # one collective, one read
+        global_loss, global_samples = totals[:2]
+        world = self.accelerator.num_processes
+        step_losses = [loss / world for loss in totals[2:]]  # every rank's batch has the same size
         return EpochStats(global_loss / max(global_samples, 1), int(global_samples), steps - start_step, seconds,
-                          capture, stop, steps)
+                          capture, step_losses, stop, steps)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable, keep_outputs: bool = False) -> EvalStats:

@@ -12,6 +12,7 @@ Exit codes (the README's table):
 from __future__ import annotations
 
 import functools
+import gc
 import signal
 import sys
 from typing import Callable
@@ -59,14 +60,19 @@ def signal_name(signum: int) -> str:
 
 
 def leave_process_group() -> None:
-    """Tear the process group down before exiting on an error: left to interpreter exit, gloo's worker
-    threads abort the process (SIGABRT), and the launcher then reports a crash instead of the exit code."""
+    """Tear the process group down, and free what still holds on to it (DDP's reducer, gloo's pending
+    work), while the interpreter is fully alive. Left to interpreter exit, gloo's C++ objects are
+    destroyed during finalization and abort the process (SIGABRT, "terminate called without an active
+    exception"), and the launcher then reports a crash instead of the exit code."""
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if dist is None or not dist.is_available():
+        return
+    if dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:  # a broken group (a peer died): nothing left to tear down cleanly
             pass
+    gc.collect()  # reference cycles (modules with hooks) would otherwise wait for finalization
 
 
 def cli(main: Callable[..., int | None]) -> Callable[..., int]:
@@ -76,7 +82,9 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
     @functools.wraps(main)
     def run(*args, **kwargs) -> int:
         try:
-            return main(*args, **kwargs) or 0
+            code = main(*args, **kwargs) or 0
+            leave_process_group()  # after a clean shutdown: only what still references the group
+            return code
         except DistmnistError as err:
             if not err.silent:
                 prefix = "distmnist: " if isinstance(err, RunStopped) else "distmnist: error: "

@@ -22,6 +22,7 @@ import torch
 from rich.console import Console as RichConsole
 
 from . import command_module
+from .args import ArgumentParser
 from .config import TrainConfig
 from .console import Console, resolve_mode
 from .data import eval_batches, eval_shard, load_data
@@ -42,7 +43,7 @@ PROGRESS = ("auto", "rich", "plain", "none")
 
 def build_parser(prog: str = "distmnist evaluate") -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog=prog, description="Test loss and accuracy of saved weights on MNIST's test set.")
+    p = ArgumentParser(prog=prog, description="Test loss and accuracy of saved weights on MNIST's test set.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a model.safetensors file, a checkpoint folder (verified against its manifest) or a run "
                    "folder (its model.safetensors, or its newest valid checkpoint) (required)")

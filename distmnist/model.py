@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,3 +42,44 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class Layer:
+    """One row of the model summary: a module call in the forward pass."""
+
+    name: str  # attribute path, e.g. conv1
+    kind: str  # class name, e.g. Conv2d
+    output_shape: tuple[int, ...]  # without the batch dimension
+    parameters: int  # counted at the module's first call only (a module called twice has them once)
+
+
+def layer_summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> list[Layer]:
+    """The leaf modules in the order the forward pass calls them, with what each returns.
+
+    One forward pass of a zero image, without gradients and in eval mode (restored afterwards), so
+    no random number is drawn and training is unchanged.
+    """
+    rows: list[Layer] = []
+    seen: set[str] = set()
+    names = {module: name for name, module in model.named_modules()}
+
+    def record(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        name = names[module]
+        count = 0 if name in seen else sum(p.numel() for p in module.parameters(recurse=False))
+        seen.add(name)
+        rows.append(Layer(name, type(module).__name__, tuple(output.shape[1:]), count))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(record) for m in leaves]
+    was_training = model.training
+    param = next(model.parameters())
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(input_shape, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return rows

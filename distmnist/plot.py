@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .args import ArgumentParser
 from .rundir import load_weights
 from .console import Console, resolve_mode
 from .errors import DistmnistError, cli
@@ -121,19 +122,27 @@ def throughput_figure(records: list[dict[str, Any]]):
     return fig
 
 
+KERNEL_CMAP = "RdBu_r"  # diverging: red > 0 > blue, white at 0
+
+
 def kernels_figure(conv1_weight: torch.Tensor):
-    """The conv1 kernels (10, 1, 5, 5) as images on one shared, zero-centred grey scale."""
+    """The conv1 kernels (10, 1, 5, 5) as images on one shared, zero-centred colour scale, with a
+    colour bar giving the weight each colour stands for."""
     kernels = conv1_weight.detach().float().cpu()[:, 0]
     limit = float(kernels.abs().max()) or 1.0
     cols = 5
     rows = math.ceil(len(kernels) / cols)
-    fig = figure(1.3 * cols, 1.5 * rows + 0.4)
-    fig.suptitle("conv1: the first layer's 5 x 5 kernels (white > 0 > black)")
+    fig = figure(1.3 * cols + 1.0, 1.5 * rows + 0.4)
+    fig.suptitle("conv1: the first layer's 5 x 5 kernels")
+    axes = []
     for i, kernel in enumerate(kernels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(kernel.numpy(), cmap="gray", vmin=-limit, vmax=limit, interpolation="nearest")
+        image = ax.imshow(kernel.numpy(), cmap=KERNEL_CMAP, vmin=-limit, vmax=limit, interpolation="nearest")
         ax.set_title(f"kernel {i}", fontsize=9)
         ax.set_axis_off()
+        axes.append(ax)
+    bar = fig.colorbar(image, ax=axes, shrink=0.9, label="weight")
+    bar.ax.tick_params(labelsize=8)
     return fig
 
 
@@ -155,7 +164,7 @@ def mistakes_figure(images: torch.Tensor, mistakes: list[Mistake]):
 
 
 def build_parser(prog: str = "distmnist plot") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog, description="PNG plots of a training run: loss.png, accuracy.png, throughput.png, kernels.png.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output-dir (holds metrics.jsonl)")
     p.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: RUN_DIR/plots)")

@@ -22,10 +22,11 @@ from rich.console import Console as RichConsole
 from rich.table import Table
 
 from . import command_module
+from .args import ArgumentParser
 from .digits import MAX_PIXELS, MNIST_SIZE, quiet_pillow_bomb_warning, read_digit
-from .rundir import load_weights
 from .errors import DistmnistError, cli
 from .model import Net, to_input
+from .rundir import load_weights
 
 ENLARGE = 10  # --save-inputs also writes the 28 x 28 image this many times larger, pixels kept square
 
@@ -95,7 +96,7 @@ def table(predictions: list[Prediction], k: int) -> Table:
 
 
 def build_parser(prog: str = "distmnist predict") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog, description="Classify images of handwritten digits (PNG, JPEG, GIF, TIFF, any size, either polarity).")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each")
     p.add_argument("--checkpoint", required=True, metavar="PATH",

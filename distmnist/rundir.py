@@ -43,9 +43,9 @@ from .errors import DistmnistError
 from .files import json_line, json_text, make_dirs, write_json, write_text
 
 LOCK = ".lock.json"
-CONFIG, METRICS, SUMMARY, FINAL, CHECKPOINTS, LOGS = (
-    "config.json", "metrics.jsonl", "run.json", "model.safetensors", "checkpoints", "logs")
-RUN_FILES = (CONFIG, METRICS, SUMMARY, FINAL, CHECKPOINTS, LOGS)  # what --overwrite deletes
+CONFIG, METRICS, SUMMARY, FINAL, BEST, CHECKPOINTS, LOGS = (
+    "config.json", "metrics.jsonl", "run.json", "model.safetensors", "best.safetensors", "checkpoints", "logs")
+RUN_FILES = (CONFIG, METRICS, SUMMARY, FINAL, BEST, CHECKPOINTS, LOGS)  # what --overwrite deletes
 IGNORED_CONFIG_CHANGES = ("resume", "overwrite")  # how a run was started, not what it trains
 
 
@@ -378,7 +378,8 @@ class RunFolder:
                 shutil.rmtree(path)
             notices.append(f"continuing from {ckpt.path.name}: discarded this run's later checkpoints "
                            f"{', '.join(p.name for p in stale)}")
-        complete = ckpt.mid_epoch is None and ckpt.epoch >= epochs
+        # finished: all its epochs done, or stopped early (--early-stop) for want of a better validation result
+        complete = ckpt.mid_epoch is None and (ckpt.epoch >= epochs or bool(ckpt.state.get("early_stopped")))
         return Start(run_id, ckpt, complete, notices, history)
 
     # ------------------------------------------------------------ the run's records
@@ -399,5 +400,5 @@ class RunFolder:
     def final_weights(self) -> Path:
         return self.path / FINAL
 
-    def logs(self) -> Path:
-        return self.path / LOGS
+    def best_weights(self) -> Path:
+        return self.path / BEST

@@ -15,6 +15,7 @@ From Python, ``distmnist.train(**options)`` runs the same run_training (distmnis
 from __future__ import annotations
 
 import math
+import os
 import platform
 import signal
 import time
@@ -24,16 +25,17 @@ from typing import Any, Sequence
 import torch
 
 from . import __version__, command_module
+from . import tracking
 from .checkpoint import Checkpoint, nonfinite, save_weights, unflatten_optimizer, write_checkpoint
 from .config import TrainConfig, parse_config
-from .console import Console, resolve_mode
-from .data import Split, eval_batches, load_data, train_batches, train_sampler
-from .distributed import (agree, disagreeing_ranks, gather_rng, init_trackers, make_accelerator, restore_rng,
-                          shutdown, tensors_digest)
+from .console import Console, Outputs, resolve_mode
+from .data import Split, eval_batches, load_data, split_validation, train_batches, train_sampler
+from .distributed import agree, disagreeing_ranks, gather_rng, make_accelerator, restore_rng, shutdown, tensors_digest
 from .engine import Carry, Engine, make_sgd, match_param_layout, tune_for_device
 from .errors import DistmnistError, RunFailed, RunStopped, cli, signal_name
-from .model import Net, parameter_count
-from .rundir import RunFolder, Start, prune, share_start
+from .model import Net, layer_summary, parameter_count
+from .rundir import RUN_FILES, RunFolder, Start, prune, share_start
+from .schedule import LRSchedule, ScheduleSpec, saveable_state_dict
 from .signals import DIVERGED, StopRequests
 from .timing import seconds_since_process_start
 
@@ -42,8 +44,6 @@ RESIDENT_HEADROOM = 4  # keep the data set on the GPU only if 4x its size is fre
 
 def choose_paths(cfg: TrainConfig, accelerator, train: Split) -> tuple[bool, bool, list[str]]:
     """(resident data, CUDA graphs, notices) from the flags and what the hardware allows."""
-    import os
-
     notices = []
     cuda = accelerator.device.type == "cuda"
     resident = cfg.data_path != "loader"
@@ -114,6 +114,7 @@ class Run:
     sampler: Any
     batches: Any
     test_batches: list
+    val_batches: list | None  # --val-size: this rank's share of the held-out training images
     carry: Carry | None  # an epoch interrupted in its middle, resumed at its exact step
     versions: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
@@ -131,7 +132,8 @@ class Outcome:
 def already_complete(accelerator, console: Console, folder: RunFolder | None, start: Start) -> Outcome:
     """A finished run resumed again (a requeued job, a rerun script): train nothing, rewrite nothing."""
     ckpt = start.checkpoint
-    console.print(f"run {start.run_id} is already complete at epoch {ckpt.epoch}, nothing trained")
+    how = " (stopped early: no better validation accuracy)" if ckpt.state.get("early_stopped") else ""
+    console.print(f"run {start.run_id} is already complete at epoch {ckpt.epoch}{how}, nothing trained")
     error = None
     if folder is not None:
         try:
@@ -150,9 +152,10 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | Outcome:
     """Everything the loop needs; or, for a run that is already complete, its outcome (nothing to set up)."""
     marks = [time.perf_counter()]  # phase boundaries, reported in run.json
     accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.dist_timeout, cfg.log_with,
-                                   project_dir=str(RunFolder(cfg.output_dir).logs()))
+                                   project_dir=str(tracking.logs_dir(cfg.output_dir)))
     stop.accelerator = accelerator
-    console = Console(resolve_mode(cfg.progress, accelerator.is_main_process))
+    console = Console(resolve_mode(cfg.progress, accelerator.is_main_process), interval=cfg.log_interval,
+                      validation=cfg.val_size > 0)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
 
     marks.append(time.perf_counter())
@@ -161,6 +164,9 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | Outcome:
         return already_complete(accelerator, console, folder, start)
     try:
         train, test = load_data(accelerator, cfg.data_dir, cfg.no_download, cfg.limit_train, cfg.limit_test)
+        val = None
+        if cfg.val_size:  # the same on every rank: the data digests agreed and the seed is the same
+            train, val = split_validation(train, cfg.val_size, cfg.seed)
         resident, graphs, notices = choose_paths(cfg, accelerator, train)
     except DistmnistError:
         if folder is not None:
@@ -172,7 +178,7 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | Outcome:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = tune_for_device(Net(), device)
-    optimizer = make_sgd(model, cfg.lr, cfg.momentum, device)
+    optimizer = make_sgd(model, cfg.lr, cfg.momentum, device, cfg.weight_decay, cfg.nesterov)
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -183,7 +189,7 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | Outcome:
         for group in state["param_groups"]:
             # the kernel choice belongs to this device, and the command line wins over the checkpoint
             group.update(fused=optimizer.param_groups[0]["fused"], foreach=optimizer.param_groups[0]["foreach"],
-                         lr=cfg.lr, momentum=cfg.momentum)
+                         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         optimizer.load_state_dict(state)
         match_param_layout(optimizer)
         same_world = restore_rng(accelerator, ckpt.rng)
@@ -200,10 +206,20 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | Outcome:
         if carry is None:
             notices.append(f"{ckpt.path.name} stopped in the middle of epoch {ckpt.epoch}, but {why}: epoch "
                            f"{ckpt.epoch} restarts from its first step")
+    # the schedule is a function of the global optimizer step over the run's total (the same for an
+    # uninterrupted run and a resumed one)
+    epoch_start_step = 0 if ckpt is None else int(ckpt.state["step"]) - (ckpt.mid_epoch or {}).get("step", 0)
+    epochs_done = 0 if ckpt is None else ckpt.epochs_done
+    spec = ScheduleSpec.from_config(cfg, len(batches), epoch_start_step + (cfg.epochs - epochs_done) * len(batches))
+    spec.check()
+    schedule = LRSchedule(spec, device, epoch_start_step + (carry.step if carry else 0))
+    engine = Engine(accelerator, model, optimizer, cuda_graphs=graphs, schedule=schedule,
+                    record_step_losses=cfg.log_every > 0)
     run = Run(
         cfg=cfg, accelerator=accelerator, console=console, folder=folder, start=start, model=model,
-        optimizer=optimizer, engine=Engine(accelerator, model, optimizer, cuda_graphs=graphs), sampler=sampler,
-        batches=batches, test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device), carry=carry,
+        optimizer=optimizer, engine=engine, sampler=sampler, batches=batches,
+        test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device), carry=carry,
+        val_batches=None if val is None else eval_batches(val, world, rank, cfg.test_batch_size, device),
         versions=versions(accelerator),
     )
     run.engine.stop = stop
@@ -220,15 +236,21 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | Outcome:
             ("world size", str(world)),
             ("precision", cfg.mixed_precision),
             ("batch", f"{cfg.batch_size} per process, {cfg.batch_size * world} global"),
+            ("learning rate", spec.describe()),
             ("steps per epoch", str(len(run.batches))),
-            ("data", f"{len(train):,} train / {len(test):,} test images from {cfg.data_dir}"),
+            ("data", f"{len(train):,} train" + (f" / {len(val):,} validation" if val is not None else "")
+             + f" / {len(test):,} test images from {cfg.data_dir}"),
+            *([("early stop", f"after {cfg.early_stop} epoch(s) without a better validation accuracy")]
+              if cfg.early_stop else []),
             ("data path", "resident on device" if resident else "DataLoader"),
             ("CUDA graphs", "on" if graphs else "off"),
             ("epochs", f"{first}..{cfg.epochs}{resumed}"),
             ("model", f"Net, {parameter_count(model):,} parameters"),
             ("output", cfg.output_dir),
+            *([("tracker", f"{cfg.log_with} -> {tracking.destination(cfg.log_with, cfg.output_dir, start.run_id)} "
+                           f"({tracking.what(cfg.log_every)})")] if cfg.log_with else []),
         ],
-        repr(accelerator.unwrap_model(model)),
+        layer_summary(accelerator.unwrap_model(model)),
     )
     for notice in notices:
         console.notice(notice)
@@ -263,6 +285,13 @@ class Progress:
     step: int  # optimizer steps so far (per rank)
     newest: str | None  # the newest checkpoint written or resumed from (for messages)
     timings: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # --val-size: {"epoch", "val_accuracy", "val_loss"} of the best epoch so far
+    early_stopped: bool = False
+
+
+def improves(record: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    """A better validation result: higher accuracy, or the same accuracy at a lower loss."""
+    return best is None or (record["val_accuracy"], -record["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
 
 
 def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | None:
@@ -271,8 +300,10 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | No
     cfg, world = run.cfg, run.accelerator.num_processes
     run.sampler.set_epoch(epoch)
     carry = run.carry if epoch == first_epoch(run) else None
-    with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world) as bar:
+    with run.console.progress(epoch, cfg.epochs, len(run.batches), cfg.batch_size * world, ranks=world) as bar:
         stats = run.engine.train_epoch(run.batches, bar, carry)
+    # --log-every: the step records go before the epoch's (one x axis, optimizer steps, for every tracker)
+    tracking.log_steps(run.accelerator, stats.step_losses, progress.step, cfg.log_every, run.engine.schedule.spec)
     progress.step += stats.steps
     if stats.stop == DIVERGED or not math.isfinite(stats.loss):
         raise diverged(run, progress, f"the training loss became non-finite in epoch {epoch}"
@@ -284,11 +315,12 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | No
                          stats.stop, silent=not run.accelerator.is_main_process)
     eval_start = time.perf_counter()
     result = run.engine.evaluate(run.test_batches)  # ends in a host read: the time is complete
+    val = None if run.val_batches is None else run.engine.evaluate(run.val_batches)
     eval_seconds = time.perf_counter() - eval_start
     return {
         "epoch": epoch,
         "step": progress.step,
-        "lr": run.optimizer.param_groups[0]["lr"],
+        "lr": run.engine.schedule.spec.value_at(progress.step - 1),  # the lr of the epoch's last step
         "train_loss": stats.loss,
         "train_samples": stats.samples,
         "train_seconds": stats.seconds,
@@ -299,6 +331,8 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | No
         "test_accuracy": result.accuracy,
         "test_correct": result.correct,
         "test_samples": result.samples,
+        **({} if val is None else {"val_loss": val.loss, "val_accuracy": val.accuracy, "val_correct": val.correct,
+                                   "val_samples": val.samples}),
         "world_size": world,
     }
 
@@ -313,7 +347,7 @@ def checked_state(run: Run, progress: Progress, when: str) -> tuple[dict, dict]:
     """Weights and optimizer state, after checking that they are finite and identical on every rank."""
     accelerator = run.accelerator
     weights = accelerator.unwrap_model(run.model).state_dict()
-    optimizer = run.optimizer.state_dict()
+    optimizer = saveable_state_dict(run.optimizer)  # a tensor lr (the schedule's) as a float
     bad = nonfinite(weights)
     if bad:  # the same on every rank: DDP keeps the replicas equal
         raise diverged(run, progress, f"the weights became non-finite ({', '.join(bad)}) {when}")
@@ -355,11 +389,13 @@ def base_state(run: Run, progress: Progress, epoch: int) -> dict[str, Any]:
             "world_size": run.accelerator.num_processes, "config": run.cfg.to_dict(),
             "config_history": run.start.config_history or [{"from_epoch": 1, "from_step": 0,
                                                             "config": run.cfg.to_dict()}],
-            "metrics": progress.history, "versions": run.versions}
+            "metrics": progress.history, "versions": run.versions,
+            **({"best": progress.best, "early_stopped": progress.early_stopped} if run.val_batches is not None else {})}
 
 
-def save_epoch(run: Run, record: dict[str, Any], progress: Progress) -> None:
-    """Check, gather, and let the main process write; a failed write ends every rank together."""
+def save_epoch(run: Run, record: dict[str, Any], progress: Progress, best: bool = False) -> None:
+    """Check, gather, and let the main process write (with best: also best.safetensors); a failed
+    write ends every rank together."""
     accelerator = run.accelerator
     start = time.perf_counter()
     weights, optimizer = checked_state(run, progress, f"after epoch {record['epoch']}")
@@ -370,6 +406,8 @@ def save_epoch(run: Run, record: dict[str, Any], progress: Progress) -> None:
         try:
             write_checkpoint(path, weights, optimizer, rng, base_state(run, progress, record["epoch"]))
             run.folder.write_metrics(progress.history)
+            if best:
+                save_weights(weights, run.folder.best_weights())
             prune(run.folder.path, run.start.run_id, run.cfg.keep_checkpoints, path)  # only once it is complete
             progress.newest = str(path)
         except DistmnistError as err:
@@ -401,24 +439,35 @@ def finish(run: Run, progress: Progress, started: float) -> None:
     agree(run.accelerator, error)
 
 
-def fit(run: Run, stop: StopRequests, started: float) -> list[dict[str, Any]]:
-    """The epoch loop; returns the run's history (every epoch's record, resumed ones included)."""
+def fit(run: Run, stop: StopRequests, started: float) -> Progress:
+    """The epoch loop; returns where the run ended: its history (every epoch's record, resumed ones
+    included) and the time spent on set-up and checkpoints."""
     cfg, accelerator, ckpt = run.cfg, run.accelerator, run.start.checkpoint
     progress = Progress(history=list(ckpt.state["metrics"]) if ckpt else [], step=int(ckpt.state["step"]) if ckpt else 0,
-                        newest=str(ckpt.path) if ckpt else None)
+                        newest=str(ckpt.path) if ckpt else None, best=ckpt.state.get("best") if ckpt else None)
     if run.carry is None and ckpt is not None and ckpt.mid_epoch:
         progress.step -= ckpt.mid_epoch["step"]  # the interrupted epoch restarts from its first step
     begin(run, progress)
-    init_trackers(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict())
+    tracking.init(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict())
     progress.timings["setup"] = time.perf_counter() - started
     epoch = first_epoch(run)
     try:
         for epoch in range(first_epoch(run), cfg.epochs + 1):
             record = train_epoch(run, epoch, progress)
             progress.history.append(record)
-            save_epoch(run, record, progress)
-            accelerator.log(record, step=epoch)
+            better = run.val_batches is not None and improves(record, progress.best)
+            if better:  # every rank decides alike: the record holds global numbers
+                progress.best = {k: record[k] for k in ("epoch", "val_accuracy", "val_loss")}
+            if cfg.early_stop and epoch - progress.best["epoch"] >= cfg.early_stop and epoch < cfg.epochs:
+                progress.early_stopped = True
+            save_epoch(run, record, progress, best=better)
+            accelerator.log(record, step=record["step"])  # x axis: optimizer steps, as the step records
             run.console.epoch_done(record, cfg.epochs)
+            if progress.early_stopped:
+                run.console.print(f"early stop after epoch {epoch}: no better validation accuracy for "
+                                  f"{cfg.early_stop} epoch(s); the best was epoch {progress.best['epoch']} "
+                                  f"({100 * progress.best['val_accuracy']:.2f}%), kept as best.safetensors")
+                break
             code = stop.agreed() if epoch < cfg.epochs else 0  # a signal during evaluation or the save
             if code == DIVERGED:
                 raise diverged(run, progress, f"the loss became non-finite in epoch {epoch}")
@@ -432,7 +481,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> list[dict[str, Any]]:
         raise RunStopped(f"aborted by a second SIGINT in epoch {epoch}; {newest}", signal.SIGINT,
                          silent=not accelerator.is_main_process) from None
     finish(run, progress, started)
-    return progress.history
+    return progress
 
 
 def summary(run: Run, progress: Progress, started: float) -> dict[str, Any]:
@@ -446,6 +495,7 @@ def summary(run: Run, progress: Progress, started: float) -> dict[str, Any]:
         "config_history": run.start.config_history or [{"from_epoch": 1, "from_step": 0, "config": run.cfg.to_dict()}],
         "epochs_run": len(new),
         "final": progress.history[-1] if progress.history else None,
+        **({"best": progress.best, "early_stopped": progress.early_stopped} if run.val_batches is not None else {}),
         "seconds": {
             "process": seconds_since_process_start(),  # interpreter start -> now, imports included
             "main": time.perf_counter() - started,  # main() -> now
@@ -482,8 +532,15 @@ def run_training(cfg: TrainConfig, started: float | None = None, stop: StopReque
         run = setup(cfg, stop)  # inside: a peer can already die in the collectives of set-up (DDP's broadcast)
         if not isinstance(run, Run):
             return run  # already complete
-        history = fit(run, stop, started)
-        run.console.summary(history, str(cfg.output_dir), time.perf_counter() - started)
+        progress = fit(run, stop, started)
+        if run.folder is not None:  # the main process: the only one that prints
+            tracker = (f"{cfg.log_with}, {tracking.destination(cfg.log_with, cfg.output_dir, run.start.run_id)}"
+                       if cfg.log_with else None)
+            files = [name + ("/" if (run.folder.path / name).is_dir() else "") for name in RUN_FILES
+                     if (run.folder.path / name).exists()]
+            run.console.summary(progress.history, first_epoch(run), time.perf_counter() - started, progress.timings,
+                                Outputs(str(cfg.output_dir), files, tracker))
+        history = progress.history
         shutdown(run.accelerator)
         return Outcome(run.start.run_id, history)
     except (RuntimeError, torch.distributed.DistError) as err:

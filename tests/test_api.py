@@ -134,6 +134,16 @@ def test_load_run_keeps_unknown_keys_and_names_a_bad_line(runs, tmp_path):
         distmnist.load_run(tmp_path)
 
 
+def test_validation_keeps_the_best_model_and_an_early_stopped_run_is_finished(runs, tmp_path):
+    result = distmnist.train(data_dir=runs.data, output_dir=tmp_path / "val",
+                             **{**OPTIONS, "epochs": 30, "val_size": 100, "early_stop": 1})
+    assert result.finished and len(result.history) < 30  # stopped early: no better validation accuracy
+    assert result.best == tmp_path / "val" / "best.safetensors" and result.best.is_file()
+    assert all(r.extra.keys() == {"val_loss", "val_accuracy", "val_correct", "val_samples"} for r in result.history)
+    assert {r.extra["val_samples"] for r in result.history} == {100} and {r.train_samples for r in result.history} == {500}
+    assert distmnist.load_run(tmp_path / "val") == result
+
+
 # ---------------------------------------------------------------- evaluate and predict
 
 
@@ -229,7 +239,7 @@ def test_python_values_are_type_checked_like_a_config_files(tmp_path, capsys):
     with pytest.raises(distmnist.DistmnistError) as raised:
         distmnist.train(epochs="3")
     assert str(raised.value) == message.replace(f"--config {config}", "distmnist.train()")
-    with pytest.raises(distmnist.DistmnistError, match=r"unknown option 'lrr' \(did you mean 'lr'\?\)"):
+    with pytest.raises(distmnist.DistmnistError, match=r"unknown option 'lrr'; did you mean lr\? \(the options are config and"):
         distmnist.train(lrr=0.1)
     # Path objects and numpy numbers are what notebooks pass
     with pytest.raises(distmnist.DistmnistError, match="--epochs must be >= 1, got 0"):

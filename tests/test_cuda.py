@@ -86,3 +86,41 @@ def test_bf16_graph_and_fp16_eager(real_mnist, tmp_path):
 def test_loader_path_on_gpu(real_mnist, tmp_path):
     rows = train(real_mnist, tmp_path, "loader", "--data-path", "loader", "--epochs", "1", "--cuda-graphs", "off")
     assert rows[0]["test_samples"] == 10000 and rows[0]["test_accuracy"] >= 0.95
+
+
+def scheduled_steps(data_dir, graphs: bool, steps: int = 40):
+    """(each step's loss, the lr tensor and the step counter at the end) of `steps` onecycle steps."""
+    from distmnist.data import load_mnist, train_batches, train_sampler
+    from distmnist.distributed import make_accelerator
+    from distmnist.engine import Engine, make_sgd, tune_for_device
+    from distmnist.model import Net
+    from distmnist.schedule import LRSchedule, ScheduleSpec
+
+    accelerator = make_accelerator(False, "no")
+    train, _ = load_mnist(data_dir, allow_download=False)
+    torch.manual_seed(1)
+    model = tune_for_device(Net(), accelerator.device)
+    torch.backends.cudnn.benchmark = False
+    optimizer = make_sgd(model, 0.05, 0.9, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    torch.manual_seed(1)
+    sampler = train_sampler(len(train), 1, 0, seed=1)
+    sampler.set_epoch(1)
+    batches = list(train_batches(train, sampler, 100, accelerator.device, resident=True))[:steps]
+    schedule = LRSchedule(ScheduleSpec("onecycle", 0.05, steps, warmup_steps=10), accelerator.device)
+    engine = Engine(accelerator, model, optimizer, cuda_graphs=graphs, schedule=schedule, record_step_losses=True)
+    stats = engine.train_epoch(batches)
+    return stats.step_losses, schedule.lr.item(), schedule.step.item()
+
+
+def test_the_graph_replays_the_schedule_without_recapture(real_mnist):
+    """Captured at step 4, replayed for 36 steps whose lr all differ: the losses follow eager
+    training only if every replay reads the lr the device counter gives it."""
+    from distmnist.schedule import ScheduleSpec
+
+    eager_losses, eager_lr, eager_steps = scheduled_steps(real_mnist, graphs=False)
+    graph_losses, graph_lr, graph_steps = scheduled_steps(real_mnist, graphs=True)
+    expected_lr = torch.tensor(ScheduleSpec("onecycle", 0.05, 40, warmup_steps=10).value_at(39)).float().item()
+    assert eager_steps == graph_steps == 40
+    assert eager_lr == graph_lr == expected_lr
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)

@@ -157,7 +157,40 @@ def test_no_data_no_network_fails_fast_naming_the_four_files(guard, tmp_path):
     result, seconds = run(driver(train_cmd(empty, tmp_path / "out")[3:]), environ, prefix)
     assert result.returncode == 2, result.stderr
     assert_says_where_files_go(result.stderr, empty)
+    assert_one_clean_line(result.stderr)
+    assert list(empty.iterdir()) == []  # no MNIST/raw left behind by the failed download
     assert_within_offline_limit("unshare -n + guard" if prefix else "guard only", seconds, result.stderr)
+
+
+def assert_one_clean_line(stderr: str) -> None:
+    """One line of distmnist's own, not torchvision's list of mirrors and errors."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("TIMING ")]
+    assert len(lines) == 1 and lines[0].startswith("distmnist: error: "), stderr
+    assert "Tried " not in stderr and "Error downloading" not in stderr and "<urlopen" not in stderr
+
+
+def test_a_mistyped_data_dir_is_named_and_not_created(guard, tmp_path):
+    environ, _ = guard
+    typo = tmp_path / "shared" / "mnsit"  # neither folder exists
+    prefix = ("unshare", "-n") if can(NO_NETWORK) else ()
+    result, _ = run(driver(train_cmd(typo, tmp_path / "out")[3:]), environ, prefix)
+    assert result.returncode == 2, result.stderr
+    assert_one_clean_line(result.stderr)
+    assert f"into {typo}, which did not exist (is --data-dir mistyped?)" in result.stderr
+    assert not (tmp_path / "shared").exists()
+
+
+def test_the_default_data_dir_is_not_advised_as_a_flag(guard, tmp_path):
+    """Without --data-dir the files go to ./data; the message must not say 'use --data-dir data'."""
+    environ, _ = guard
+    prefix = ["unshare", "-n"] if can(NO_NETWORK) else []
+    result = subprocess.run(prefix + driver(["--output-dir", str(tmp_path / "out"), "--progress", "plain"]),
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=environ)
+    assert result.returncode == 2, result.stderr
+    assert_one_clean_line(result.stderr)
+    assert "could not download MNIST (" in result.stderr and "in data (or data/MNIST/raw)" in result.stderr
+    assert "--data-dir data" not in result.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_local_data_makes_no_network_call(guard, tmp_path):
@@ -283,6 +316,8 @@ def test_black_holed_network_fails_within_30_s(black_hole):
     assert proc.returncode == 2, (name, stderr)
     assert_says_where_files_go(stderr, empty)
     assert "no data from any mirror" in stderr
+    assert_one_clean_line(stderr)
+    assert not empty.exists()  # the folders the download created are gone
     assert_within_offline_limit(name, seconds, stderr)
 
 

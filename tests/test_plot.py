@@ -87,3 +87,22 @@ def test_evaluate_mistakes_without_matplotlib_fails_before_any_work(monkeypatch,
         evaluate_main(["--checkpoint", str(tmp_path / "absent.safetensors"), "--mistakes", str(tmp_path / "m.png")])
     assert exit.value.code == 2
     assert 'pip install "distmnist[plot]"' in capsys.readouterr().err
+
+
+def test_the_kernel_picture_has_a_zero_centred_colour_scale(tmp_path):
+    import torch
+
+    from distmnist.plot import kernels_figure, save
+
+    weights = torch.linspace(-0.3, 0.2, 250).reshape(10, 1, 5, 5)
+    fig = kernels_figure(weights)
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and bars[0].get_ylabel() == "weight"
+    low, high = bars[0].get_ylim()
+    assert (low, high) == pytest.approx((-0.3, 0.3))  # symmetric: white is 0
+    path = save(fig, tmp_path / "kernels.png")
+    assert_valid_png(path)
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=int)
+    red = (pixels[..., 0] - pixels[..., 2] > 80).sum()
+    blue = (pixels[..., 2] - pixels[..., 0] > 80).sum()
+    assert red > 500 and blue > 500  # both signs drawn in colour, not grey

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import idx_bytes, run_module, write_mnist
+from conftest import ROOT, idx_bytes, run_module, write_mnist
 from distmnist.checkpoint import write_checkpoint
 from distmnist.data import load_mnist
 from distmnist.model import Net, to_input
@@ -158,6 +158,31 @@ def test_resume_from_a_checkpoint_path_is_bit_identical(run, tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2]  # epoch 1's record comes with the checkpoint
     assert metrics[1]["train_loss"] == run.metrics[1]["train_loss"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0002"]  # epoch 1 was not retrained
+
+
+def test_the_fast_recipe_file_runs_as_written(real_mnist, tmp_path):
+    """configs/fast.yaml as written, on the first 6,400 real training images (100 steps of 64 an epoch,
+    so its 200 warm-up steps fit in the run): its settings reach the run, the schedule it names runs
+    to its end, and the network learns. Its 99% on the full data is measured, not tested (README)."""
+    import yaml
+
+    from distmnist.schedule import ScheduleSpec
+
+    recipe = yaml.safe_load((ROOT / "configs" / "fast.yaml").read_text())
+    out = tmp_path / "fast"
+    proc = run_module("train", "--config", ROOT / "configs" / "fast.yaml", "--data-dir", real_mnist, "--no-download",
+                      "--limit-train", "6400", "--limit-test", "1000", "--output-dir", out, "--progress", "plain")
+    assert_ok(proc)
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in recipe} == recipe
+    assert recipe["lr_schedule"] != "constant" and recipe["epochs"] <= 3
+    assert f"learning rate: {recipe['lr_schedule']}" in proc.stdout
+    metrics = read_metrics(out)
+    assert len(metrics) == recipe["epochs"] and metrics[-1]["test_accuracy"] > 0.9
+    steps = metrics[-1]["step"]
+    spec = ScheduleSpec.from_config(SimpleNamespace(**config), steps // recipe["epochs"], steps)
+    state = json.loads((out / "checkpoints" / f"epoch-{recipe['epochs']:04d}" / "state.json").read_text())
+    assert state["optimizer_param_groups"][0]["lr"] == pytest.approx(spec.value_at(steps - 1), rel=1e-6)
 
 
 # ---------------------------------------------------------------- bad input: exit 2, the file or flag named

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..args import ArgumentParser
 from ..digits import MAX_PIXELS
 from ..errors import DistmnistError, cli
 
@@ -18,7 +19,7 @@ INSTALL_HINT = 'pip install "distmnist[serve]"'
 
 
 def build_parser(prog: str = "distmnist serve") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog, description="Web pages for a run: draw a digit and see what the model thinks; "
         "watch the run's curves while it trains. Binds to this machine only unless --host says otherwise.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output-dir (e.g. runs/mnist)")
