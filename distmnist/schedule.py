@@ -144,9 +144,13 @@ class LRSchedule:
         self.lr.copy_(self.table[step])
 
     def install(self, optimizer) -> None:
-        """Make every param group read this tensor (again after a load_state_dict put a float there)."""
+        """Make every param group read this tensor (again after a load_state_dict put a float there).
+
+        A constant lr without warm-up stays a plain float: the default recipe's step (and its CUDA
+        graph, verified on a GPU before schedules existed) is exactly what it was; only a schedule,
+        which needs it, puts a tensor in the optimizer (not yet run on a GPU: see the README)."""
         for group in optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr if self.spec.varies else self.spec.lr
 
     def advance(self) -> None:
         """Inside the step, before optimizer.step(): lr <- table[counter], counter += 1. Device ops only."""

@@ -24,7 +24,8 @@ SBATCH = ROOT / "launch" / "slurm.sbatch"
 EPOCHS = 8
 N_TRAIN = 4000  # 10 steps per rank and epoch at 2 ranks: an epoch lasts about half a second here
 RUN_HEADER = re.compile(r"^distmnist job (\d+), run (\d+),", re.M)
-EPOCH_LINE = re.compile(rf"^(?:\d\d:\d\d:\d\d  )?epoch (\d+)/{EPOCHS} ", re.M)  # plain lines may open with a time
+# an epoch's line in plain mode: "HH:MM:SS  epoch 3/10  train loss ..." (progress lines read "epoch 3/10: ")
+EPOCH_LINE = re.compile(rf"^(?:\d\d:\d\d:\d\d  )?epoch (\d+)/{EPOCHS}  ", re.M)
 
 
 def train_args(data: Path, out: Path) -> list[str]:
@@ -214,7 +215,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, data
     args = ["--data-dir", str(data), "--output-dir", str(out), "--epochs", "10000", "--progress", "plain"]
     job = cluster.sbatch("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=1", "--signal=B:USR1@10",
                          f"--output={log}", str(SBATCH), *args, env=job_env(1), cwd=ROOT)
-    epoch_line = re.compile(r"^(?:\d\d:\d\d:\d\d  )?epoch (\d+)/10000 ", re.M)
+    epoch_line = re.compile(r"^(?:\d\d:\d\d:\d\d  )?epoch (\d+)/10000  ", re.M)
 
     def later_epochs() -> list[int]:
         return [int(e) for run, text in runs(log).items() if run > 1 for e in epoch_line.findall(text)]
