@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"(capture {ph['capture']:.2f}), eval {ph['eval']:.2f} s, checkpoints {ph['checkpoint']:.2f} s")
     checks = []
     if args.stop_check:
-        print(f"\nstop check (the ranks' agreement on a signal; CPU processes, gloo):")
+        print("\nstop check (the ranks' agreement on a signal; CPU processes, gloo):")
         for world in (1, 2):
             c = stop_check_in_fresh_processes([a for a in argv if a != "--stop-check"], world)
             checks.append(c)

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import MANIFEST, Checkpoint, load_checkpoint, load_weights as load_weights_file, position, read_state
+from .checkpoint import Checkpoint, load_checkpoint, load_weights as load_weights_file, position, read_state
 from .errors import DistmnistError
 from .files import json_line, json_text, make_dirs, write_json, write_text
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +113,40 @@ def worker_exit(stderr: str) -> int:
     others = {int(c) for c in re.findall(r"exitcode\s*: (-?\d+)", stderr)}
     assert others <= {code, -15}, stderr[-3000:]
     return code
+
+
+# Calls the real entry points, train.main(argv) and evaluate.main(argv) (what `python -m` runs, with its
+# exit code and one-line error), once per case in one process: one torch import instead of dozens.
+# argv[1]: JSON {case: [command, argv, environ]}; prints JSON {case: {code, stderr}}.
+IN_PROCESS_DRIVER = textwrap.dedent(
+    """
+    import contextlib, io, json, os, sys, traceback
+    from distmnist import evaluate, train
+
+    cases = json.loads(sys.argv[1])
+    results = {}
+    for name, (command, argv, environ) in cases.items():
+        saved = dict(os.environ)
+        os.environ.update(environ)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = (train if command == "train" else evaluate).main(argv)
+            except SystemExit as exit:
+                code = exit.code
+            except BaseException:
+                code, err = "exception", io.StringIO(traceback.format_exc())
+        os.environ.clear()
+        os.environ.update(saved)
+        results[name] = {"code": code, "stderr": err.getvalue()}
+    print(json.dumps(results))
+    """
+)
+
+
+def run_in_process(cases: dict[str, tuple[str, list[str], dict[str, str]]]) -> dict[str, dict]:
+    """Each case (command, argv, extra environment) through IN_PROCESS_DRIVER: {case: {code, stderr}}."""
+    result = subprocess.run([sys.executable, "-c", IN_PROCESS_DRIVER, json.dumps(cases)], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env=env())
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])

@@ -6,9 +6,7 @@ a failed write ends every rank within seconds. Real torchrun and launch/multi_no
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -162,7 +160,7 @@ def test_replicas_that_drift_apart_stop_the_run_naming_the_rank(data, tmp_path):
                              script=script))
     assert worker_codes(result) == {1}  # every rank ends with exit code 1
     lines = errors(result["stderr"])
-    assert len(lines) == 1 and f"replicas drifted apart after epoch 1" in lines[0] and f"rank 1 on {HOST}" in lines[0], \
+    assert len(lines) == 1 and "replicas drifted apart after epoch 1" in lines[0] and f"rank 1 on {HOST}" in lines[0], \
         result["stderr"][-3000:]
     assert not (out / "checkpoints" / "epoch-0001").exists() and not (out / "model.safetensors").exists()
 

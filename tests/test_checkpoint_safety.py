@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, env, run_module, write_mnist
+from conftest import ROOT, env, run_in_process, run_module, write_mnist
 from distmnist.checkpoint import load_checkpoint, load_weights, read_tensors, sha256, verify, write_checkpoint
 from distmnist.errors import DistmnistError
 from distmnist.model import Net
@@ -331,30 +331,6 @@ FILE_CASES = {
     "other_architecture": (rewrite_file(other_architecture), "architecture"),
 }
 
-# Calls the real entry points, train.main(argv) and evaluate.main(argv) (what `python -m` runs, with its
-# exit code and one-line error), once per case in one process: one torch import instead of 50.
-CASE_DRIVER = textwrap.dedent(
-    """
-    import contextlib, io, json, sys, traceback
-    from distmnist import evaluate, train
-
-    cases = json.loads(sys.argv[1])
-    results = {}
-    for name, (command, argv) in cases.items():
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                code = (train if command == "train" else evaluate).main(argv)
-            except SystemExit as exit:
-                code = exit.code
-            except BaseException:
-                code, err = "exception", io.StringIO(traceback.format_exc())
-        results[name] = {"code": code, "stderr": err.getvalue()}
-    print(json.dumps(results))
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def refused(trained, data, tmp_path_factory):
     """Every damaged checkpoint through `train --resume PATH` and `evaluate --checkpoint PATH`."""
@@ -371,7 +347,7 @@ def refused(trained, data, tmp_path_factory):
                 argv = train_args(data, work / f"out-{name}", "--epochs", "2", "--resume", str(folder))
             else:
                 argv = ["--checkpoint", str(folder), "--data-dir", str(data), "--progress", "none"]
-            cases[f"{command}:{name}"] = (command, argv)
+            cases[f"{command}:{name}"] = (command, argv, {})
             expected[f"{command}:{name}"] = (folder / file, words)
     for name, (damage, words) in FILE_CASES.items():
         file = work / f"file-{name}" / "model.safetensors"
@@ -381,12 +357,9 @@ def refused(trained, data, tmp_path_factory):
         else:
             shutil.copy(trained / "model.safetensors", file)
             damage(file)
-        cases[f"evaluate-file:{name}"] = ("evaluate", ["--checkpoint", str(file), "--data-dir", str(data)])
+        cases[f"evaluate-file:{name}"] = ("evaluate", ["--checkpoint", str(file), "--data-dir", str(data)], {})
         expected[f"evaluate-file:{name}"] = (file, words)
-    result = subprocess.run([sys.executable, "-c", CASE_DRIVER, json.dumps(cases)], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=env())
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1]), expected, marker
+    return run_in_process(cases), expected, marker
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])

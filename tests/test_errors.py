@@ -6,17 +6,13 @@ train.main(argv) and evaluate.main(argv), in one process (one torch import inste
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import ROOT, env, run_module, write_mnist
+from conftest import run_in_process, run_module, write_mnist
 from distmnist.checkpoint import load_checkpoint, sha256, unflatten_optimizer, write_checkpoint
 
 BILLION_LAUGHS = textwrap.dedent(
@@ -33,32 +29,6 @@ BILLION_LAUGHS = textwrap.dedent(
     epochs: *i
     """
 )
-
-DRIVER = textwrap.dedent(
-    """
-    import contextlib, io, json, os, sys, traceback
-    from distmnist import evaluate, train
-
-    cases = json.loads(sys.argv[1])
-    results = {}
-    for name, (command, argv, environ) in cases.items():
-        saved = dict(os.environ)
-        os.environ.update(environ)
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                code = (train if command == "train" else evaluate).main(argv)
-            except SystemExit as exit:
-                code = exit.code
-            except BaseException:
-                code, err = "exception", io.StringIO(traceback.format_exc())
-        os.environ.clear()
-        os.environ.update(saved)
-        results[name] = {"code": code, "stderr": err.getvalue()}
-    print(json.dumps(results))
-    """
-)
-
 
 def craft(src: Path, dst: Path, change) -> Path:
     """A copy of checkpoint src whose state is changed by `change` and whose manifest matches it."""
@@ -132,10 +102,7 @@ def cases(tmp_path_factory):
                                [str(work / "a-folder"), "is a folder"]),
     }
     argv = {name: (command, args, environ) for name, (command, args, environ, _) in table.items()}
-    result = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argv)], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=env())
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1]), {name: words for name, (*_, words) in table.items()}, work
+    return run_in_process(argv), {name: words for name, (*_, words) in table.items()}, work
 
 
 CASE_NAMES = ["non-utf8-config", "billion-laughs", "duplicate-key", "dist-timeout-inf", "seed-2**64-1", "world-size-abc",

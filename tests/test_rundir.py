@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -203,7 +202,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_rewrites_nothing(data, base
     before = snapshot(out)
     proc = train(data, out, "--epochs", "1", "--resume", "auto")
     assert_ok(proc)
-    assert f"already complete at epoch 1, nothing trained" in proc.stdout
+    assert "already complete at epoch 1, nothing trained" in proc.stdout
     assert "epoch 1/1 " not in proc.stdout
     assert snapshot(out) == before
 
