@@ -93,12 +93,16 @@ def epochs_done(out: Path) -> int:
         return 0
 
 
+# A job that is queued, running, or passing through a requeue (RUNNING -> COMPLETING -> PENDING): not ended.
+ALIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")
+
+
 def wait_for_epochs(cluster: SlurmCluster, job: int, out: Path, epochs: int, log: Path, timeout: float = 180):
     """Wait until `epochs` epochs are complete and checkpointed; fail if the job ends first."""
     deadline = time.monotonic() + timeout
     while epochs_done(out) < epochs:
         state = cluster.job(job).get("JobState")
-        if state not in ("PENDING", "RUNNING", "CONFIGURING") or time.monotonic() > deadline:
+        if state not in ALIVE or time.monotonic() > deadline:
             raise AssertionError(f"job {job} {state} before epoch {epochs} was checkpointed; log:\n"
                                  + (log.read_text()[-4000:] if log.exists() else ""))
         time.sleep(0.1)
@@ -225,7 +229,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, data
         deadline = time.monotonic() + 120
         while not later_epochs():
             state = cluster.job(job)
-            assert state.get("JobState") in ("PENDING", "RUNNING") and time.monotonic() < deadline, \
+            assert state.get("JobState") in ALIVE and time.monotonic() < deadline, \
                 f"no epoch after the requeue (job {state.get('JobState')}):\n{log.read_text()[-4000:]}"
             time.sleep(0.25)
     finally:
