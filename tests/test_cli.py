@@ -6,6 +6,7 @@ import argparse
 import json
 
 import subprocess
+import sys
 
 import pytest
 
@@ -56,6 +57,16 @@ def test_the_installed_console_script_runs_a_subcommand():
                            timeout=120)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith(expected)
+
+
+def test_python_m_distmnist_is_the_distmnist_command():
+    r = subprocess.run([sys.executable, "-m", "distmnist", "plot", "--help"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: distmnist plot")
+    r = subprocess.run([sys.executable, "-m", "distmnist", "trian"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "did you mean train?" in r.stderr
 
 
 # ---------------------------------------------------------------- did you mean
