@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import optim
 
 from .args import ArgumentParser
-from .data import FILES, find_file, load_mnist, train_batches, train_sampler, eval_batches
+from .batches import eval_batches, train_batches, train_sampler
+from .data import FILES, find_file, load_mnist
 from .distributed import make_accelerator
 from .engine import Engine, make_sgd, synchronize, tune_for_device
 from .errors import DistmnistError, cli

@@ -25,7 +25,8 @@ from . import command_module
 from .args import ArgumentParser
 from .config import TrainConfig
 from .console import Console, resolve_mode
-from .data import eval_batches, eval_shard, load_data
+from .batches import eval_batches, eval_shard
+from .data import load_data
 from .distributed import agree, make_accelerator, shutdown
 from .engine import Engine
 from .errors import DistmnistError, cli

@@ -29,7 +29,8 @@ from . import tracking
 from .checkpoint import Checkpoint, nonfinite, save_weights, unflatten_optimizer, write_checkpoint
 from .config import TrainConfig, parse_config
 from .console import Console, Outputs, resolve_mode
-from .data import Split, eval_batches, load_data, split_validation, train_batches, train_sampler
+from .batches import eval_batches, split_validation, train_batches, train_sampler
+from .data import Split, load_data
 from .distributed import agree, disagreeing_ranks, gather_rng, make_accelerator, restore_rng, shutdown, tensors_digest
 from .engine import Carry, Engine, make_sgd, match_param_layout, tune_for_device
 from .errors import DistmnistError, RunFailed, RunStopped, cli, signal_name

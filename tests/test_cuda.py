@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def per_step_losses(data_dir, graphs: bool, steps: int = 12) -> list[float]:
-    from distmnist.data import load_mnist, train_batches, train_sampler
+    from distmnist.batches import train_batches, train_sampler
+    from distmnist.data import load_mnist
     from distmnist.distributed import make_accelerator
     from distmnist.engine import Engine, make_sgd, tune_for_device
     from distmnist.model import Net
@@ -90,7 +91,8 @@ def test_loader_path_on_gpu(real_mnist, tmp_path):
 
 def scheduled_steps(data_dir, graphs: bool, steps: int = 40):
     """(each step's loss, the lr tensor and the step counter at the end) of `steps` onecycle steps."""
-    from distmnist.data import load_mnist, train_batches, train_sampler
+    from distmnist.batches import train_batches, train_sampler
+    from distmnist.data import load_mnist
     from distmnist.distributed import make_accelerator
     from distmnist.engine import Engine, make_sgd, tune_for_device
     from distmnist.model import Net

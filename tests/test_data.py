@@ -13,19 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import idx_bytes, write_mnist
-from distmnist.data import (
-    FILES,
-    LoaderBatches,
-    ResidentBatches,
-    Split,
-    eval_batches,
-    eval_shard,
-    load_mnist,
-    read_idx,
-    read_split,
-    train_batches,
-    train_sampler,
-)
+from distmnist.batches import LoaderBatches, ResidentBatches, eval_batches, eval_shard, train_batches, train_sampler
+from distmnist.data import FILES, Split, load_mnist, read_idx, read_split
 from distmnist.errors import DistmnistError
 
 CPU = torch.device("cpu")

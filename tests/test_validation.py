@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_module, torchrun, write_mnist
-from distmnist.data import Split, split_validation
+from distmnist.batches import split_validation
+from distmnist.data import Split
 
 RECIPE = ["--batch-size", "50", "--lr", "0.02", "--no-download", "--progress", "plain"]
 FROZEN = ["--lr", "1e-30", "--momentum", "0"]  # updates underflow: the weights, hence every result, never change
