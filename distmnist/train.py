@@ -6,9 +6,10 @@
 
 Wires the pieces, data flowing one way: command line -> config -> Accelerator -> run folder (the
 main process decides how the run starts and sends that, checkpoint included, to every rank) ->
-data -> model -> epoch loop (engine) -> checkpoints and console. Only the main process touches
-the output folder or prints; every collective runs on every rank, and whatever ends the run early
-(a bad folder, a failed write, a signal, divergence) ends it on every rank together.
+data -> batches -> model -> epoch loop (engine) -> records (checkpoints, metrics) and console. Only
+the main process touches the output folder or prints; every collective runs on every rank, and
+whatever ends the run early (a bad folder, a failed write, a signal, divergence) ends it on every
+rank together.
 From Python, ``distmnist.train(**options)`` runs the same run_training (distmnist.api).
 """
 
@@ -26,17 +27,18 @@ import torch
 
 from . import __version__, command_module
 from . import tracking
-from .checkpoint import Checkpoint, nonfinite, save_weights, unflatten_optimizer, write_checkpoint
+from .checkpoint import Checkpoint, save_weights, unflatten_optimizer
 from .config import TrainConfig, parse_config
 from .console import Console, Outputs, resolve_mode
 from .batches import eval_batches, split_validation, train_batches, train_sampler
 from .data import Split, load_data
-from .distributed import agree, disagreeing_ranks, gather_rng, make_accelerator, restore_rng, shutdown, tensors_digest
+from .distributed import agree, make_accelerator, restore_rng, shutdown
 from .engine import Carry, Engine, make_sgd, match_param_layout, tune_for_device
 from .errors import DistmnistError, RunFailed, RunStopped, cli, signal_name
 from .model import Net, layer_summary, parameter_count
-from .rundir import RUN_FILES, RunFolder, Start, prune, share_start
-from .schedule import LRSchedule, ScheduleSpec, saveable_state_dict
+from .records import Position, Progress, Recorder
+from .rundir import RUN_FILES, RunFolder, Start, share_start
+from .schedule import LRSchedule, ScheduleSpec
 from .signals import DIVERGED, StopRequests
 from .timing import seconds_since_process_start
 
@@ -118,6 +120,7 @@ class Run:
     val_batches: list | None  # --val-size: this rank's share of the held-out training images
     carry: Carry | None  # an epoch interrupted in its middle, resumed at its exact step
     versions: dict[str, str]
+    recorder: Recorder  # what the run writes as it goes (every rank calls, the main process writes)
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
 
 
@@ -214,6 +217,7 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | Outcome:
     spec = ScheduleSpec.from_config(cfg, len(batches), epoch_start_step + (cfg.epochs - epochs_done) * len(batches))
     spec.check()
     schedule = LRSchedule(spec, device, epoch_start_step + (carry.step if carry else 0))
+    described = versions(accelerator)
     engine = Engine(accelerator, model, optimizer, cuda_graphs=graphs, schedule=schedule,
                     record_step_losses=cfg.log_every > 0)
     run = Run(
@@ -221,7 +225,9 @@ def setup(cfg: TrainConfig, stop: StopRequests) -> Run | Outcome:
         optimizer=optimizer, engine=engine, sampler=sampler, batches=batches,
         test_batches=eval_batches(test, world, rank, cfg.test_batch_size, device), carry=carry,
         val_batches=None if val is None else eval_batches(val, world, rank, cfg.test_batch_size, device),
-        versions=versions(accelerator),
+        versions=described,
+        recorder=Recorder(accelerator, folder, start, cfg, described, model, optimizer,
+                          validation=val is not None),
     )
     run.engine.stop = stop
     marks.append(time.perf_counter())
@@ -278,18 +284,6 @@ def first_epoch(run: Run) -> int:
 # ---------------------------------------------------------------- the loop
 
 
-@dataclass
-class Progress:
-    """What the loop advances: the run's history so far and where it stands."""
-
-    history: list[dict[str, Any]]
-    step: int  # optimizer steps so far (per rank)
-    newest: str | None  # the newest checkpoint written or resumed from (for messages)
-    timings: dict[str, float] = field(default_factory=dict)
-    best: dict[str, Any] | None = None  # --val-size: {"epoch", "val_accuracy", "val_loss"} of the best epoch so far
-    early_stopped: bool = False
-
-
 def improves(record: dict[str, Any], best: dict[str, Any] | None) -> bool:
     """A better validation result: higher accuracy, or the same accuracy at a lower loss."""
     return best is None or (record["val_accuracy"], -record["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
@@ -307,10 +301,11 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | No
     tracking.log_steps(run.accelerator, stats.step_losses, progress.step, cfg.log_every, run.engine.schedule.spec)
     progress.step += stats.steps
     if stats.stop == DIVERGED or not math.isfinite(stats.loss):
-        raise diverged(run, progress, f"the training loss became non-finite in epoch {epoch}"
+        raise run.recorder.diverged(progress, f"the training loss became non-finite in epoch {epoch}"
                        + (f" (by step {stats.epoch_step} of {len(run.batches)})" if stats.stop else ""))
     if stats.stop:
-        save_position(run, epoch, stats, progress)
+        run.recorder.save_position(Position(epoch, stats.epoch_step, len(run.batches), stats.seconds,
+                                            run.engine.loss_sum, run.engine.samples), progress)
         raise RunStopped(f"stopped by {signal_name(stats.stop)} at epoch {epoch} step {stats.epoch_step}/"
                          f"{len(run.batches)}; checkpoint {progress.newest}; `--resume auto` continues",
                          stats.stop, silent=not run.accelerator.is_main_process)
@@ -338,108 +333,6 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any] | No
     }
 
 
-def diverged(run: Run, progress: Progress, what: str) -> RunFailed:
-    newest = f"newest finite checkpoint: {progress.newest}" if progress.newest else "no checkpoint was written"
-    return RunFailed(f"training diverged: {what}; nothing of it was saved; {newest} (try a lower --lr)",
-                     silent=not run.accelerator.is_main_process)
-
-
-def checked_state(run: Run, progress: Progress, when: str) -> tuple[dict, dict]:
-    """Weights and optimizer state, after checking that they are finite and identical on every rank."""
-    accelerator = run.accelerator
-    weights = accelerator.unwrap_model(run.model).state_dict()
-    optimizer = saveable_state_dict(run.optimizer)  # a tensor lr (the schedule's) as a float
-    bad = nonfinite(weights)
-    if bad:  # the same on every rank: DDP keeps the replicas equal
-        raise diverged(run, progress, f"the weights became non-finite ({', '.join(bad)}) {when}")
-    state = optimizer["state"]  # keyed by parameter index; its order depends on how it was loaded, so sort
-    tensors = list(weights.values()) + [state[i][name] for i in sorted(state) for name in sorted(state[i])
-                                        if isinstance(state[i][name], torch.Tensor)]
-    drifted = disagreeing_ranks(accelerator, tensors_digest(tensors))
-    if drifted:
-        names = ", ".join(f"rank {r} on {h}" for r, h in drifted)
-        raise RunFailed(f"replicas drifted apart {when}: the weights or optimizer state of {names} differ from rank "
-                        "0's; nothing was saved", silent=not accelerator.is_main_process)
-    return weights, optimizer
-
-
-def save_position(run: Run, epoch: int, stats, progress: Progress) -> None:
-    """A mid-epoch checkpoint: position, every rank's RNG state and running sums (every rank calls)."""
-    accelerator, world = run.accelerator, run.accelerator.num_processes
-    weights, optimizer = checked_state(run, progress, f"at epoch {epoch} step {stats.epoch_step}")
-    rng = gather_rng(accelerator)
-    sums = accelerator.gather(run.engine.loss_sum.float().reshape(1)).cpu()
-    counts = accelerator.gather(torch.tensor([run.engine.samples], dtype=torch.int64, device=accelerator.device)).cpu()
-    error = None
-    if run.folder is not None:
-        path = run.folder.checkpoint_path(epoch, stats.epoch_step)
-        state = {**base_state(run, progress, epoch), "mid_epoch": {
-            "step": stats.epoch_step, "steps": len(run.batches), "batch_size": run.cfg.batch_size,
-            "world_size": world, "train_seconds": stats.seconds}}
-        try:
-            write_checkpoint(path, weights, optimizer, rng, state, {"loss_sum": sums, "samples": counts})
-            prune(run.folder.path, run.start.run_id, run.cfg.keep_checkpoints, path)
-            progress.newest = str(path)
-        except DistmnistError as err:
-            error = err
-    agree(accelerator, error)
-
-
-def base_state(run: Run, progress: Progress, epoch: int) -> dict[str, Any]:
-    return {"run_id": run.start.run_id, "epoch": epoch, "step": progress.step,
-            "world_size": run.accelerator.num_processes, "config": run.cfg.to_dict(),
-            "config_history": run.start.config_history or [{"from_epoch": 1, "from_step": 0,
-                                                            "config": run.cfg.to_dict()}],
-            "metrics": progress.history, "versions": run.versions,
-            **({"best": progress.best, "early_stopped": progress.early_stopped} if run.val_batches is not None else {})}
-
-
-def save_epoch(run: Run, record: dict[str, Any], progress: Progress, best: bool = False) -> None:
-    """Check, gather, and let the main process write (with best: also best.safetensors); a failed
-    write ends every rank together."""
-    accelerator = run.accelerator
-    start = time.perf_counter()
-    weights, optimizer = checked_state(run, progress, f"after epoch {record['epoch']}")
-    rng = gather_rng(accelerator)  # a collective: every rank
-    error = None
-    if run.folder is not None:
-        path = run.folder.checkpoint_path(record["epoch"])
-        try:
-            write_checkpoint(path, weights, optimizer, rng, base_state(run, progress, record["epoch"]))
-            run.folder.write_metrics(progress.history)
-            if best:
-                save_weights(weights, run.folder.best_weights())
-            prune(run.folder.path, run.start.run_id, run.cfg.keep_checkpoints, path)  # only once it is complete
-            progress.newest = str(path)
-        except DistmnistError as err:
-            error = err
-    agree(accelerator, error)
-    progress.timings["checkpoint"] = progress.timings.get("checkpoint", 0.0) + time.perf_counter() - start
-
-
-def begin(run: Run, progress: Progress) -> None:
-    """Record the config that runs now and the history it continues (main process), then meet."""
-    error = None
-    if run.folder is not None:
-        try:
-            run.folder.write_config(run.cfg.to_dict(), run.start.run_id)
-            run.folder.write_metrics(progress.history)  # always matches the checkpoint the run continues from
-        except DistmnistError as err:
-            error = err
-    agree(run.accelerator, error)
-
-
-def finish(run: Run, progress: Progress, started: float) -> None:
-    error = None
-    if run.folder is not None:
-        try:
-            save_weights(run.accelerator.unwrap_model(run.model).state_dict(), run.folder.final_weights())
-            run.folder.write_summary(summary(run, progress, started))
-        except DistmnistError as err:
-            error = err
-    agree(run.accelerator, error)
-
-
 def fit(run: Run, stop: StopRequests, started: float) -> Progress:
     """The epoch loop; returns where the run ended: its history (every epoch's record, resumed ones
     included) and the time spent on set-up and checkpoints."""
@@ -448,7 +341,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
                         newest=str(ckpt.path) if ckpt else None, best=ckpt.state.get("best") if ckpt else None)
     if run.carry is None and ckpt is not None and ckpt.mid_epoch:
         progress.step -= ckpt.mid_epoch["step"]  # the interrupted epoch restarts from its first step
-    begin(run, progress)
+    run.recorder.begin(progress)
     tracking.init(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict())
     progress.timings["setup"] = time.perf_counter() - started
     epoch = first_epoch(run)
@@ -461,7 +354,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
                 progress.best = {k: record[k] for k in ("epoch", "val_accuracy", "val_loss")}
             if cfg.early_stop and epoch - progress.best["epoch"] >= cfg.early_stop and epoch < cfg.epochs:
                 progress.early_stopped = True
-            save_epoch(run, record, progress, best=better)
+            run.recorder.save_epoch(record, progress, best=better)
             accelerator.log(record, step=record["step"])  # x axis: optimizer steps, as the step records
             run.console.epoch_done(record, cfg.epochs)
             if progress.early_stopped:
@@ -471,7 +364,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
                 break
             code = stop.agreed() if epoch < cfg.epochs else 0  # a signal during evaluation or the save
             if code == DIVERGED:
-                raise diverged(run, progress, f"the loss became non-finite in epoch {epoch}")
+                raise run.recorder.diverged(progress, f"the loss became non-finite in epoch {epoch}")
             if code:
                 raise RunStopped(f"stopped by {signal_name(code)} at the end of epoch {epoch}; checkpoint "
                                  f"{progress.newest}; `--resume auto` continues", code,
@@ -481,7 +374,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
             "no checkpoint was written yet"
         raise RunStopped(f"aborted by a second SIGINT in epoch {epoch}; {newest}", signal.SIGINT,
                          silent=not accelerator.is_main_process) from None
-    finish(run, progress, started)
+    run.recorder.finish(summary(run, progress, started))
     return progress
 
 
@@ -493,7 +386,7 @@ def summary(run: Run, progress: Progress, started: float) -> dict[str, Any]:
         "versions": run.versions,
         "world_size": run.accelerator.num_processes,
         "config": run.cfg.to_dict(),
-        "config_history": run.start.config_history or [{"from_epoch": 1, "from_step": 0, "config": run.cfg.to_dict()}],
+        "config_history": run.recorder.config_history(),
         "epochs_run": len(new),
         "final": progress.history[-1] if progress.history else None,
         **({"best": progress.best, "early_stopped": progress.early_stopped} if run.val_batches is not None else {}),

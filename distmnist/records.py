@@ -1,0 +1,147 @@
+"""What a training run writes while it runs: its config and metrics, epoch and mid-epoch checkpoints,
+the best and final weights, run.json.
+
+Every rank calls every method (each one holds collectives: the finiteness and replica checks, the
+RNG gather); only the main process, the one holding the run folder (rundir.RunFolder), writes. A
+write that fails there ends every rank together (distributed.agree), and nothing non-finite or
+drifted apart is ever saved.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import nonfinite, save_weights, write_checkpoint
+from .config import TrainConfig
+from .distributed import agree, disagreeing_ranks, gather_rng, tensors_digest
+from .errors import DistmnistError, RunFailed
+from .rundir import RunFolder, Start, prune
+from .schedule import saveable_state_dict
+
+
+@dataclass
+class Progress:
+    """What the loop advances: the run's history so far and where it stands."""
+
+    history: list[dict[str, Any]]
+    step: int  # optimizer steps so far (per rank)
+    newest: str | None  # the newest checkpoint written or resumed from (for messages)
+    timings: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # --val-size: {"epoch", "val_accuracy", "val_loss"} of the best epoch so far
+    early_stopped: bool = False
+
+
+@dataclass
+class Position:
+    """Where an epoch stopped in its middle, and this rank's running sums there."""
+
+    epoch: int
+    step: int  # steps done in the epoch
+    steps: int  # steps per epoch
+    train_seconds: float
+    loss_sum: torch.Tensor  # this rank's, on the device
+    samples: int
+
+
+class Recorder:
+    """The run's writer. ``folder`` is the main process's hold on the run folder, None on other ranks."""
+
+    def __init__(self, accelerator, folder: RunFolder | None, start: Start, cfg: TrainConfig, versions: dict[str, str],
+                 model, optimizer, validation: bool):
+        self.accelerator, self.folder, self.start, self.cfg = accelerator, folder, start, cfg
+        self.versions, self.model, self.optimizer, self.validation = versions, model, optimizer, validation
+
+    def diverged(self, progress: Progress, what: str) -> RunFailed:
+        newest = f"newest finite checkpoint: {progress.newest}" if progress.newest else "no checkpoint was written"
+        return RunFailed(f"training diverged: {what}; nothing of it was saved; {newest} (try a lower --lr)",
+                         silent=not self.accelerator.is_main_process)
+
+    def config_history(self) -> list[dict[str, Any]]:
+        return self.start.config_history or [{"from_epoch": 1, "from_step": 0, "config": self.cfg.to_dict()}]
+
+    def begin(self, progress: Progress) -> None:
+        """Record the config that runs now and the history it continues (main process), then meet."""
+        self._write(lambda folder: (folder.write_config(self.cfg.to_dict(), self.start.run_id),
+                                    folder.write_metrics(progress.history)))  # matches the checkpoint it continues
+
+    def save_epoch(self, record: dict[str, Any], progress: Progress, best: bool = False) -> None:
+        """The epoch's checkpoint and metrics (with best: also best.safetensors)."""
+        started = time.perf_counter()
+        weights, optimizer = self._checked_state(progress, f"after epoch {record['epoch']}")
+        rng = gather_rng(self.accelerator)
+
+        def write(folder: RunFolder) -> None:
+            path = folder.checkpoint_path(record["epoch"])
+            write_checkpoint(path, weights, optimizer, rng, self._state(progress, record["epoch"]))
+            folder.write_metrics(progress.history)
+            if best:
+                save_weights(weights, folder.best_weights())
+            prune(folder.path, self.start.run_id, self.cfg.keep_checkpoints, path)  # only once it is complete
+            progress.newest = str(path)
+
+        self._write(write)
+        progress.timings["checkpoint"] = progress.timings.get("checkpoint", 0.0) + time.perf_counter() - started
+
+    def save_position(self, position: Position, progress: Progress) -> None:
+        """A mid-epoch checkpoint: the position, every rank's RNG state and running sums."""
+        accelerator = self.accelerator
+        weights, optimizer = self._checked_state(progress, f"at epoch {position.epoch} step {position.step}")
+        rng = gather_rng(accelerator)
+        sums = accelerator.gather(position.loss_sum.float().reshape(1)).cpu()
+        counts = accelerator.gather(torch.tensor([position.samples], dtype=torch.int64, device=accelerator.device)).cpu()
+        state = {**self._state(progress, position.epoch), "mid_epoch": {
+            "step": position.step, "steps": position.steps, "batch_size": self.cfg.batch_size,
+            "world_size": accelerator.num_processes, "train_seconds": position.train_seconds}}
+
+        def write(folder: RunFolder) -> None:
+            path = folder.checkpoint_path(position.epoch, position.step)
+            write_checkpoint(path, weights, optimizer, rng, state, {"loss_sum": sums, "samples": counts})
+            prune(folder.path, self.start.run_id, self.cfg.keep_checkpoints, path)
+            progress.newest = str(path)
+
+        self._write(write)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The final weights and run.json."""
+        model = self.accelerator.unwrap_model(self.model)
+        self._write(lambda folder: (save_weights(model.state_dict(), folder.final_weights()),
+                                    folder.write_summary(summary)))
+
+    def _write(self, write) -> None:
+        """The main process writes; every rank leaves together if that failed."""
+        error = None
+        if self.folder is not None:
+            try:
+                write(self.folder)
+            except DistmnistError as err:
+                error = err
+        agree(self.accelerator, error)
+
+    def _state(self, progress: Progress, epoch: int) -> dict[str, Any]:
+        """A checkpoint's state.json."""
+        return {"run_id": self.start.run_id, "epoch": epoch, "step": progress.step,
+                "world_size": self.accelerator.num_processes, "config": self.cfg.to_dict(),
+                "config_history": self.config_history(), "metrics": progress.history, "versions": self.versions,
+                **({"best": progress.best, "early_stopped": progress.early_stopped} if self.validation else {})}
+
+    def _checked_state(self, progress: Progress, when: str) -> tuple[dict, dict]:
+        """Weights and optimizer state, after checking that they are finite and identical on every rank."""
+        accelerator = self.accelerator
+        weights = accelerator.unwrap_model(self.model).state_dict()
+        optimizer = saveable_state_dict(self.optimizer)  # a tensor lr (the schedule's) as a float
+        bad = nonfinite(weights)
+        if bad:  # the same on every rank: DDP keeps the replicas equal
+            raise self.diverged(progress, f"the weights became non-finite ({', '.join(bad)}) {when}")
+        state = optimizer["state"]  # keyed by parameter index; its order depends on how it was loaded, so sort
+        tensors = list(weights.values()) + [state[i][name] for i in sorted(state) for name in sorted(state[i])
+                                            if isinstance(state[i][name], torch.Tensor)]
+        drifted = disagreeing_ranks(accelerator, tensors_digest(tensors))
+        if drifted:
+            names = ", ".join(f"rank {r} on {h}" for r, h in drifted)
+            raise RunFailed(f"replicas drifted apart {when}: the weights or optimizer state of {names} differ from "
+                            "rank 0's; nothing was saved", silent=not accelerator.is_main_process)
+        return weights, optimizer
