@@ -20,7 +20,7 @@ from datetime import timedelta
 
 import torch
 
-from .errors import DistmnistError
+from .errors import DistmnistError, RunFailed
 
 AGREE_BYTES = 4096  # per rank: exit code, host and a one-line message, as JSON
 
@@ -205,3 +205,17 @@ def tensors_digest(tensors) -> bytes:
         digest.update(str((tuple(t.shape), t.dtype)).encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.digest()
+
+
+def collective_failure(err: BaseException, timeout_s: float) -> RunFailed | None:
+    """The one-line failure for a timed-out or broken collective (a peer hung or died), as gloo and
+    NCCL report it in a multi-process run; None for any other error."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = str(err).lower()
+    if not isinstance(err, dist.DistError) and not any(
+            s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")):
+        return None
+    return RunFailed(f"rank {dist.get_rank()}: a collective with the other ranks failed or did not finish within "
+                     f"--dist-timeout {timeout_s:g} s (a rank hung or died): {str(err).splitlines()[0]}")

@@ -9,18 +9,33 @@ drifted apart is ever saved.
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import __version__
 from .checkpoint import nonfinite, save_weights, write_checkpoint
 from .config import TrainConfig
 from .distributed import agree, disagreeing_ranks, gather_rng, tensors_digest
 from .errors import DistmnistError, RunFailed
 from .rundir import RunFolder, Start, prune
 from .schedule import saveable_state_dict
+from .timing import seconds_since_process_start
+
+
+def versions(accelerator) -> dict[str, str]:
+    """What ran where: package versions and the device's name."""
+    import accelerate
+
+    cuda = accelerator.device.type == "cuda"
+    device = torch.cuda.get_device_name(accelerator.device) if cuda else platform.processor() or "cpu"
+    return {
+        "distmnist": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
+        "python": platform.python_version(), "device": device,
+    }
 
 
 @dataclass
@@ -105,11 +120,35 @@ class Recorder:
 
         self._write(write)
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        """The final weights and run.json."""
+    def finish(self, progress: Progress, first_epoch: int, started: float, setup: dict[str, float]) -> None:
+        """The final weights and run.json (``started``: when main() began; ``setup``: its phases, seconds)."""
         model = self.accelerator.unwrap_model(self.model)
         self._write(lambda folder: (save_weights(model.state_dict(), folder.final_weights()),
-                                    folder.write_summary(summary)))
+                                    folder.write_summary(self.summary(progress, first_epoch, started, setup))))
+
+    def summary(self, progress: Progress, first_epoch: int, started: float, setup: dict[str, float]) -> dict[str, Any]:
+        """run.json: what ran where, with which config over which epochs, and where the wall time went."""
+        new = [r for r in progress.history if r["epoch"] >= first_epoch]
+        return {
+            "run_id": self.start.run_id,
+            "versions": self.versions,
+            "world_size": self.accelerator.num_processes,
+            "config": self.cfg.to_dict(),
+            "config_history": self.config_history(),
+            "epochs_run": len(new),
+            "final": progress.history[-1] if progress.history else None,
+            **({"best": progress.best, "early_stopped": progress.early_stopped} if self.validation else {}),
+            "seconds": {
+                "process": seconds_since_process_start(),  # interpreter start -> now, imports included
+                "main": time.perf_counter() - started,  # main() -> now
+                "setup": progress.timings.get("setup", 0.0),  # config, Accelerator, folder, data, model, resume
+                **setup,  # its parts (setup_accelerator, setup_data, ...)
+                "train": sum(r["train_seconds"] for r in new),
+                "capture": sum(r["capture_seconds"] for r in new),
+                "eval": sum(r["eval_seconds"] for r in new),
+                "checkpoint": progress.timings.get("checkpoint", 0.0),
+            },
+        }
 
     def _write(self, write) -> None:
         """The main process writes; every rank leaves together if that failed."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,22 +24,21 @@ from typing import Any, Sequence
 
 import torch
 
-from . import __version__, command_module
+from . import command_module
 from . import tracking
 from .checkpoint import Checkpoint, save_weights, unflatten_optimizer
 from .config import TrainConfig, parse_config
 from .console import Console, Outputs, resolve_mode
 from .batches import eval_batches, split_validation, train_batches, train_sampler
 from .data import Split, load_data
-from .distributed import agree, make_accelerator, restore_rng, shutdown
+from .distributed import agree, collective_failure, make_accelerator, restore_rng, shutdown
 from .engine import Carry, Engine, make_sgd, match_param_layout, tune_for_device
-from .errors import DistmnistError, RunFailed, RunStopped, cli, signal_name
+from .errors import DistmnistError, RunStopped, cli, signal_name
 from .model import Net, layer_summary, parameter_count
-from .records import Position, Progress, Recorder
+from .records import Position, Progress, Recorder, versions
 from .rundir import RUN_FILES, RunFolder, Start, share_start
 from .schedule import LRSchedule, ScheduleSpec
 from .signals import DIVERGED, StopRequests
-from .timing import seconds_since_process_start
 
 RESIDENT_HEADROOM = 4  # keep the data set on the GPU only if 4x its size is free
 
@@ -72,16 +70,6 @@ def choose_paths(cfg: TrainConfig, accelerator, train: Split) -> tuple[bool, boo
     if cfg.cuda_graphs == "auto" and why_not and cuda:
         notices.append(why_not)
     return resident, graphs, notices
-
-
-def versions(accelerator) -> dict[str, str]:
-    import accelerate
-
-    device = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "distmnist": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
-        "python": platform.python_version(), "device": device,
-    }
 
 
 def claim_folder(cfg: TrainConfig, accelerator) -> tuple[RunFolder | None, Start]:
@@ -374,41 +362,8 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
             "no checkpoint was written yet"
         raise RunStopped(f"aborted by a second SIGINT in epoch {epoch}; {newest}", signal.SIGINT,
                          silent=not accelerator.is_main_process) from None
-    run.recorder.finish(summary(run, progress, started))
+    run.recorder.finish(progress, first_epoch(run), started, run.timings)
     return progress
-
-
-def summary(run: Run, progress: Progress, started: float) -> dict[str, Any]:
-    """run.json: what ran where, with which config over which epochs, and where the wall time went."""
-    new = [r for r in progress.history if r["epoch"] >= first_epoch(run)]
-    return {
-        "run_id": run.start.run_id,
-        "versions": run.versions,
-        "world_size": run.accelerator.num_processes,
-        "config": run.cfg.to_dict(),
-        "config_history": run.recorder.config_history(),
-        "epochs_run": len(new),
-        "final": progress.history[-1] if progress.history else None,
-        **({"best": progress.best, "early_stopped": progress.early_stopped} if run.val_batches is not None else {}),
-        "seconds": {
-            "process": seconds_since_process_start(),  # interpreter start -> now, imports included
-            "main": time.perf_counter() - started,  # main() -> now
-            "setup": progress.timings.get("setup", 0.0),  # config, Accelerator, folder, data, model, resume
-            **{k: v for k, v in run.timings.items() if k.startswith("setup_")},  # its parts
-            "train": sum(r["train_seconds"] for r in new),
-            "capture": sum(r["capture_seconds"] for r in new),
-            "eval": sum(r["eval_seconds"] for r in new),
-            "checkpoint": progress.timings.get("checkpoint", 0.0),
-        },
-    }
-
-
-def is_collective_failure(err: BaseException) -> bool:
-    """A timed-out or broken collective (a peer hung or died), as gloo and NCCL report it."""
-    if isinstance(err, torch.distributed.DistError):
-        return True
-    text = str(err).lower()
-    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
 
 
 def run_training(cfg: TrainConfig, started: float | None = None, stop: StopRequests | None = None) -> Outcome:
@@ -438,12 +393,9 @@ def run_training(cfg: TrainConfig, started: float | None = None, stop: StopReque
         shutdown(run.accelerator)
         return Outcome(run.start.run_id, history)
     except (RuntimeError, torch.distributed.DistError) as err:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(err):
-            raise RunFailed(
-                f"rank {dist.get_rank()}: a collective with the other ranks failed or did not finish "
-                f"within --dist-timeout {cfg.dist_timeout:g} s (a rank hung or died): {str(err).splitlines()[0]}"
-            ) from None
+        failed = collective_failure(err, cfg.dist_timeout)
+        if failed:
+            raise failed from None
         raise
     finally:
         if own:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import stop_process
+
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo")
@@ -173,12 +175,7 @@ class SlurmCluster:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=15)
         leftovers = self._end_marked_processes()
         shutil.rmtree(self.root, ignore_errors=True)
         return leftovers

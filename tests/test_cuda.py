@@ -19,11 +19,20 @@ from conftest import ROOT
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def per_step_losses(data_dir, graphs: bool, steps: int = 12) -> list[float]:
+class FirstBatches(list):
+    """An epoch's first batches, in the form the engine iterates (``batches.epoch(start_step)``)."""
+
+    def epoch(self, start_step: int = 0):
+        return iter(self[start_step:])
+
+
+def first_steps(data_dir, lr: float, steps: int):
+    """(accelerator, prepared model and optimizer, the first `steps` resident batches of epoch 1), seeded
+    alike for an eager and a graphed run."""
     from distmnist.batches import train_batches, train_sampler
     from distmnist.data import load_mnist
     from distmnist.distributed import make_accelerator
-    from distmnist.engine import Engine, make_sgd, tune_for_device
+    from distmnist.engine import make_sgd, tune_for_device
     from distmnist.model import Net
 
     accelerator = make_accelerator(False, "no")
@@ -31,12 +40,19 @@ def per_step_losses(data_dir, graphs: bool, steps: int = 12) -> list[float]:
     torch.manual_seed(1)
     model = tune_for_device(Net(), accelerator.device)
     torch.backends.cudnn.benchmark = False  # the same convolution algorithms in both runs
-    optimizer = make_sgd(model, 0.01, 0.9, accelerator.device)
+    optimizer = make_sgd(model, lr, 0.9, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(1)
     sampler = train_sampler(len(train), 1, 0, seed=1)
     sampler.set_epoch(1)
-    batches = list(train_batches(train, sampler, 100, accelerator.device, resident=True))[:steps]
+    batches = FirstBatches(list(train_batches(train, sampler, 100, accelerator.device, resident=True))[:steps])
+    return accelerator, model, optimizer, batches
+
+
+def per_step_losses(data_dir, graphs: bool, steps: int = 12) -> list[float]:
+    from distmnist.engine import Engine
+
+    accelerator, model, optimizer, batches = first_steps(data_dir, 0.01, steps)
     cumulative = []
 
     class Record:
@@ -91,24 +107,10 @@ def test_loader_path_on_gpu(real_mnist, tmp_path):
 
 def scheduled_steps(data_dir, graphs: bool, steps: int = 40):
     """(each step's loss, the lr tensor and the step counter at the end) of `steps` onecycle steps."""
-    from distmnist.batches import train_batches, train_sampler
-    from distmnist.data import load_mnist
-    from distmnist.distributed import make_accelerator
-    from distmnist.engine import Engine, make_sgd, tune_for_device
-    from distmnist.model import Net
+    from distmnist.engine import Engine
     from distmnist.schedule import LRSchedule, ScheduleSpec
 
-    accelerator = make_accelerator(False, "no")
-    train, _ = load_mnist(data_dir, allow_download=False)
-    torch.manual_seed(1)
-    model = tune_for_device(Net(), accelerator.device)
-    torch.backends.cudnn.benchmark = False
-    optimizer = make_sgd(model, 0.05, 0.9, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    torch.manual_seed(1)
-    sampler = train_sampler(len(train), 1, 0, seed=1)
-    sampler.set_epoch(1)
-    batches = list(train_batches(train, sampler, 100, accelerator.device, resident=True))[:steps]
+    accelerator, model, optimizer, batches = first_steps(data_dir, 0.05, steps)
     schedule = LRSchedule(ScheduleSpec("onecycle", 0.05, steps, warmup_steps=10), accelerator.device)
     engine = Engine(accelerator, model, optimizer, cuda_graphs=graphs, schedule=schedule, record_step_losses=True)
     stats = engine.train_epoch(batches)

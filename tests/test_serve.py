@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import ROOT, env
+from conftest import ROOT, env, stop_process
 from distmnist.checkpoint import save_weights, write_checkpoint
 from distmnist.data import load_mnist
 from distmnist.digits import read_digit
@@ -328,12 +328,7 @@ def serving(run: Path, *args):
         url = line.split(" at ")[1].split("/ ")[0]
         yield url, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
 
 
 def test_command_errors_are_one_line(tmp_path, run_dir, capsys):
