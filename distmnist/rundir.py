@@ -220,13 +220,13 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_fd: int | None = None
-        self._created = False  # this run made the folder: a start that fails removes it again
+        self._created: list[Path] = []  # folders this run made, deepest first: a start that fails removes them again
 
     # ------------------------------------------------------------ ownership
 
     def acquire(self) -> None:
         """Create the folder if needed and take its lock, or fail at once naming who holds it."""
-        self._created = not self.path.exists()
+        self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         make_dirs(self.path, "--output-dir")
         lock = self.path / LOCK
         try:
@@ -260,15 +260,17 @@ class RunFolder:
             return "holder unknown"
 
     def release(self, failed_start: bool = False) -> None:
-        """Let go of the lock; after a start that failed, remove the folder again if this run created it."""
+        """Let go of the lock; after a start that failed, remove the folders again that this run created
+        (``runs/`` too, for the default ``runs/mnist``)."""
         if self._lock_fd is None:
             return
         if failed_start and self._created:
             (self.path / LOCK).unlink(missing_ok=True)
-            try:
-                self.path.rmdir()  # only if empty: never deletes anything else
-            except OSError:
-                pass
+            for folder in self._created:
+                try:
+                    folder.rmdir()  # only if empty: never deletes anything else
+                except OSError:
+                    break
         os.close(self._lock_fd)  # closing the descriptor releases the flock
         self._lock_fd = None
 

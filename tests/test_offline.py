@@ -181,16 +181,18 @@ def test_a_mistyped_data_dir_is_named_and_not_created(guard, tmp_path):
 
 
 def test_the_default_data_dir_is_not_advised_as_a_flag(guard, tmp_path):
-    """Without --data-dir the files go to ./data; the message must not say 'use --data-dir data'."""
+    """Without --data-dir the files go to ./data; the message must not say 'use --data-dir data'. The
+    quick start's command, offline: nothing is left behind, neither ./data nor ./runs/mnist."""
     environ, _ = guard
     prefix = ["unshare", "-n"] if can(NO_NETWORK) else []
-    result = subprocess.run(prefix + driver(["--output-dir", str(tmp_path / "out"), "--progress", "plain"]),
+    result = subprocess.run(prefix + driver(["--progress", "plain"]),
                             capture_output=True, text=True, timeout=120, cwd=tmp_path, env=environ)
     assert result.returncode == 2, result.stderr
     assert_one_clean_line(result.stderr)
     assert "could not download MNIST (" in result.stderr and "in data (or data/MNIST/raw)" in result.stderr
     assert "--data-dir data" not in result.stderr
     assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "runs").exists()  # the default --output-dir, created and removed again
 
 
 def test_local_data_makes_no_network_call(guard, tmp_path):
