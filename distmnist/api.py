@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import _coerce, config_from
+from .config import _coerce, request_from
 from .digits import MAX_PIXELS, MNIST_SIZE, mnist_digit, quiet_pillow_bomb_warning, read_digit
 from .errors import DistmnistError, RunFailed, RunStopped, leave_process_group
 from .evaluate import EvalReport, evaluate_checkpoint
 from .predict import Prediction, load_model
 from .predict import predict as classify
 from .report import Mistake
-from .rundir import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
+from .catalogue import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
 from .train import run_training
 
 __all__ = ["train", "evaluate", "predict", "load_run", "TrainResult", "EpochRecord", "EvalReport", "Prediction",
@@ -136,19 +136,20 @@ def train(**options: Any) -> TrainResult:
 
     Options are the flags' names in snake_case (``batch_size`` for ``--batch-size``) and ``config``
     (a YAML file, like ``--config``; the other options win over it). They are checked as the command
-    line checks its flags, with the same messages, raised as DistmnistError. The run writes the same
+    line checks its flags, with the same messages, raised as DistmnistError. With ``resume``, the run
+    continues its recorded recipe and only the options passed here override it, as on the command line. The run writes the same
     run folder (``output_dir``, default runs/mnist) and prints the same console (``progress``: auto,
     rich, plain or none). Under several processes (torchrun, accelerate launch, notebook_launcher)
     every process calls this and gets the same result.
     """
-    cfg = config_from(options)
+    request = request_from(options)
     with _session():
-        outcome = run_training(cfg)
-    out = Path(cfg.output_dir)
+        outcome = run_training(request)
+    out = Path(request.cfg.output_dir)
     return TrainResult(
-        run_id=outcome.run_id, output_dir=out, config=cfg.to_dict(),
+        run_id=outcome.run_id, output_dir=out, config=outcome.config,
         history=[EpochRecord.from_dict(r) for r in outcome.history], weights=out / FINAL,
-        best=out / BEST if cfg.val_size else None, finished=True,
+        best=out / BEST if outcome.config.get("val_size") else None, finished=True,
     )
 
 

@@ -441,7 +441,7 @@ def shape(dims: tuple[int, ...]) -> str:
 def summary_lines(records: list[dict[str, Any]], first_epoch: int, wall_seconds: float, timings: dict[str, float],
                   outputs: Outputs) -> list[str]:
     new = [r for r in records if r["epoch"] >= first_epoch]
-    train = sum(r["train_seconds"] for r in new)
+    train = timings.get("train", sum(r["train_seconds"] for r in new))  # this launch's share of its epochs
     test = sum(r["eval_seconds"] for r in new)
     setup, checkpoints = timings.get("setup", 0.0), timings.get("checkpoint", 0.0)
     other = max(wall_seconds - setup - train - test - checkpoints, 0.0)
@@ -459,9 +459,12 @@ def summary_lines(records: list[dict[str, Any]], first_epoch: int, wall_seconds:
                                                                                -r["epoch"]))
         final = (f"{100 * last['test_accuracy']:.2f}% after the last epoch ({last['epoch']}); "
                  f"{100 * best['test_accuracy']:.2f}% after the best one")
+    run_train = sum(r["train_seconds"] for r in records)
     lines = [
         f"wall time: {clock(wall_seconds)} for {trained}: set-up {setup:.1f} s, training {train:.1f} s, "
         f"testing {test:.1f} s, checkpoints {checkpoints:.1f} s, other {other:.1f} s",
+        *([f"run total: training {run_train:.1f} s over every launch of the run (epochs 1-{last['epoch']})"]
+          if first_epoch > 1 or run_train > train + 0.05 else []),
         *([f"validation: best {100 * best['val_accuracy']:.2f}% after epoch {best['epoch']} (best.safetensors), "
            f"{100 * last['val_accuracy']:.2f}% after the last"] if "val_accuracy" in last else []),
         f"test accuracy: {final}",

@@ -35,7 +35,7 @@ from .model import Net
 from .plot import mistakes_figure, require_matplotlib, save
 from .report import (Mistake, confusion_matrix, confusion_table, local_mistakes, per_class_accuracy, per_class_table,
                      top_mistakes)
-from .rundir import is_run_folder, load_weights, read_config
+from .catalogue import is_run_folder, load_weights, read_config
 
 
 PRECISIONS = ("no", "fp16", "bf16")

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from .args import ArgumentParser
-from .rundir import load_weights
+from .catalogue import load_weights
 from .console import Console, resolve_mode
 from .errors import DistmnistError, cli
 from .report import Mistake

@@ -26,7 +26,7 @@ from .args import ArgumentParser
 from .digits import MAX_PIXELS, MNIST_SIZE, quiet_pillow_bomb_warning, read_digit
 from .errors import DistmnistError, cli
 from .model import Net, to_input
-from .rundir import load_weights
+from .catalogue import load_weights
 
 ENLARGE = 10  # --save-inputs also writes the 28 x 28 image this many times larger, pixels kept square
 

@@ -242,7 +242,7 @@ def test_python_values_are_type_checked_like_a_config_files(tmp_path, capsys):
     with pytest.raises(distmnist.DistmnistError, match=r"unknown option 'lrr'; did you mean lr\? \(the options are config and"):
         distmnist.train(lrr=0.1)
     # Path objects and numpy numbers are what notebooks pass
-    with pytest.raises(distmnist.DistmnistError, match="--epochs must be >= 1, got 0"):
+    with pytest.raises(distmnist.DistmnistError, match="--epochs must be between 1 and 1,000,000, got 0"):
         distmnist.train(data_dir=tmp_path, epochs=np.int64(0), lr=np.float32(0.5))
 
 
