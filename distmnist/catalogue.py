@@ -68,7 +68,7 @@ def scan(output_dir: str | Path) -> list[Entry]:
             continue
         try:
             if path.is_symlink():
-                raise DistmnistError(f"{path}: checkpoint folder is a symlink; distmnist reads only real folders")
+                raise DistmnistError("checkpoint folder is a symlink; distmnist reads only real folders")
             entries.append(Entry(path, read_state(path)))
         except DistmnistError as err:
             entries.append(Entry(path, None, str(err)))
