@@ -39,8 +39,8 @@ def build_parser(prog: str = "distmnist serve") -> argparse.ArgumentParser:
                    help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 = any free port (default: %(default)s)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="a name this server may be reached by besides localhost, 127.0.0.1, ::1 and --host "
-                   "(repeatable; *.example.org for a domain, * for any); other Host headers get 400")
+                   help="another name this server may be reached by, repeatable: example.org, *.example.org for "
+                   "a domain, * for any; other Host headers get 400 (default: localhost, 127.0.0.1, ::1 and --host)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="MNIST folder for the Run page's confusion matrix and mistakes "
                    "(default: the data_dir of RUN_DIR/config.json)")

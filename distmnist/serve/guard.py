@@ -36,11 +36,11 @@ class Connection(h11.Connection):
             raise
 
 
-def raw_json(status: int, message: str, **headers: str) -> bytes:
+def raw_json(status: int, message: str) -> bytes:
     """A whole HTTP/1.1 response {"error": message} that closes the connection, as bytes for the socket."""
     body = json.dumps({"error": message}).encode()
     lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "content-type: application/json",
-             f"content-length: {len(body)}", "connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+             f"content-length: {len(body)}", "connection: close"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -50,7 +50,8 @@ def refusal_text(err: h11.RemoteProtocolError | None) -> tuple[int, str]:
         return 400, "malformed HTTP request"
     if err.error_status_hint == 431:
         return 431, "request line or headers too long"
-    return err.error_status_hint, f"malformed HTTP request: {err}"
+    what = str(err).split(": bytearray(")[0]  # h11 quotes the bytes it refused as a Python repr: left out
+    return err.error_status_hint, f"malformed HTTP request: {what}"
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -122,8 +123,10 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        status, message = refusal_text(self.conn.refusal)
-        self.transport.write(raw_json(status, message))
+        """Called by uvicorn when h11 refuses the client's bytes: the refusal in JSON, then close."""
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # else garbage after an answer: only close
+            status, message = refusal_text(self.conn.refusal)
+            self.transport.write(raw_json(status, message))
         self.transport.close()
 
 
