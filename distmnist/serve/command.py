@@ -11,10 +11,13 @@ import socket
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..args import ArgumentParser
 from ..errors import DistmnistError, cli
+
+if TYPE_CHECKING:
+    import uvicorn
 
 INSTALL_HINT = 'pip install "distmnist[serve]"'
 MAX_PIXELS = 16_000_000  # per upload: a 12 MP photo as a PNG (4032 x 3024); a JPEG of any size reads at 1/2..1/8
@@ -135,7 +138,7 @@ def warnings_for(host: str, port: int, allowed: Sequence[str]) -> list[str]:
             for line in textwrap.wrap(f"distmnist: warning: {text}", WIDTH, subsequent_indent="  ")]
 
 
-def server(app: Any, args: argparse.Namespace) -> Any:
+def server(app: Any, args: argparse.Namespace) -> uvicorn.Server:
     """uvicorn, its h11 protocol guarded (guard.py): a deadline per request, a cap on connections, JSON."""
     import uvicorn
 
