@@ -30,7 +30,7 @@ from .data import load_data
 from .distributed import agree, make_accelerator, shutdown
 from .engine import Engine
 from .errors import DistmnistError, cli
-from .files import write_json
+from .files import check_file, write_json
 from .model import Net
 from .plot import mistakes_figure, require_matplotlib, save
 from .report import (Mistake, confusion_matrix, confusion_table, local_mistakes, per_class_accuracy, per_class_table,
@@ -179,20 +179,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DistmnistError(f"--mistakes-count must be >= 1, got {args.mistakes_count}")
     if args.mistakes:
         require_matplotlib()  # fail before any work, on every rank
-    for option in ("output_json", "mistakes"):
-        target = getattr(args, option)
-        if target and Path(target).is_dir():
-            raise DistmnistError(f"--{option.replace('_', '-')} {target} is a folder; give a file name")
+    check_file(args.checkpoint, "--checkpoint", folder=True,
+               advice="give a model.safetensors file, a checkpoint folder or a run folder")
+    for flag, target in (("--output-json", args.output_json), ("--mistakes", args.mistakes)):
+        if target:  # what would be replaced, checked before the evaluation rather than after it
+            check_file(target, flag, advice="give a file name")
 
     def write(report: EvalReport, console: Console) -> None:
-        try:
-            if args.mistakes:
-                save(mistakes_figure(report.mistake_images, report.mistakes), Path(args.mistakes))
-                console.print(f"wrote {args.mistakes} ({len(report.mistakes)} mistakes)")
-            if args.output_json:
-                write_json(args.output_json, report.to_dict())
-        except OSError as err:
-            raise DistmnistError(f"cannot write {args.mistakes}: {err.strerror or err}") from None
+        if args.mistakes:
+            save(mistakes_figure(report.mistake_images, report.mistakes), Path(args.mistakes), "--mistakes")
+            console.print(f"wrote {args.mistakes} ({len(report.mistakes)} mistakes)")
+        if args.output_json:
+            write_json(args.output_json, report.to_dict())
 
     evaluate_checkpoint(args.checkpoint, args.data_dir, no_download=args.no_download,
                         test_batch_size=args.test_batch_size, limit_test=args.limit_test,
