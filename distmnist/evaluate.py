@@ -133,6 +133,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
     for note in notes:
         console.notice(note)
     _, test = load_data(accelerator, data_dir, no_download, limit_test=limit_test)
+    # more than the test set holds means the whole test set (and keeps sizes within what torch indexes)
+    test_batch_size, mistakes = min(test_batch_size, len(test)), min(mistakes, len(test))
 
     model = Net()
     model.load_state_dict(weights)
