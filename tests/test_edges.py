@@ -16,6 +16,7 @@ import os
 import resource
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -120,6 +121,10 @@ def work(tmp_path_factory) -> Path:
     (work / "fifo-data" / "train-images-idx3-ubyte").unlink()
     os.mkfifo(work / "fifo-data" / "train-images-idx3-ubyte")
     os.mkfifo(work / "fifo")
+    try:  # a character device of our own, like /dev/null: a regression that replaced it would harm nothing
+        os.mknod(work / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except OSError:  # not root
+        pass
     (work / "a-file").write_text("not a folder")
     (work / "a-folder").mkdir()
     image = np.full((56, 56), 255, np.uint8)
@@ -145,8 +150,6 @@ def cases(work: Path, disks: dict) -> dict[str, tuple[str, list[str], list[str]]
                                          ["--checkpoint", "named pipe"]),
         "evaluate-checkpoint-is-a-fifo": ("evaluate", ["--checkpoint", str(work / "fifo"), *data],
                                           ["--checkpoint", "named pipe"]),
-        "evaluate-output-json-is-a-device": ("evaluate", ["--checkpoint", run, *data, "--output-json", "/dev/null"],
-                                             ["--output-json /dev/null", "character device"]),
         "config-is-a-folder": ("train", ["--config", str(work / "a-folder"), *data, *train_out],
                                ["--config", "is a folder, not a file"]),
         "config-is-a-fifo": ("train", ["--config", str(work / "fifo"), *data, *train_out],
@@ -164,6 +167,10 @@ def cases(work: Path, disks: dict) -> dict[str, tuple[str, list[str], list[str]]
         "bench-negative-seed": ("bench", ["--seed", "-5", "--no-full-run", *data[:2]],
                                 ["--seed must be between 0 and 4294967295, got -5"]),
     }
+    if (work / "null").exists():
+        table["evaluate-output-json-is-a-device"] = ("evaluate", ["--checkpoint", run, *data, "--output-json",
+                                                                  str(work / "null")],
+                                                     [f"--output-json {work / 'null'}", "character device"])
     if "full" in disks:
         full, readonly = disks["full"], disks["read-only"]
         table |= {
@@ -180,12 +187,24 @@ def cases(work: Path, disks: dict) -> dict[str, tuple[str, list[str], list[str]]
     return table
 
 
+def huge_counts(work: Path) -> dict[str, tuple[str, list[str], dict]]:
+    """Counts past what torch can index (they used to crash in C++): more than the test set is all of it."""
+    huge = str(10**23)
+    return {
+        "evaluate-huge-batch": ("evaluate", ["--checkpoint", str(work / "run"), "--data-dir", str(work / "mnist"),
+                                             "--test-batch-size", huge, "--progress", "none"], {}),
+        "evaluate-huge-mistakes": ("evaluate", ["--checkpoint", str(work / "run"), "--data-dir", str(work / "mnist"),
+                                                "--mistakes", str(work / "mistakes.png"), "--mistakes-count", huge,
+                                                "--output-json", str(work / "eval.json"), "--progress", "none"], {}),
+    }
+
+
 @pytest.fixture(scope="module")
 def results(work, disks):
     table = cases(work, disks)
     started = time.monotonic()
-    got = run_in_process({name: (command, argv, {}) for name, (command, argv, _) in table.items()},
-                         timeout=DEADLINE_S * len(table))
+    got = run_in_process({**{name: (command, argv, {}) for name, (command, argv, _) in table.items()},
+                          **huge_counts(work)}, timeout=DEADLINE_S * len(table))
     return got, {name: words for name, (*_, words) in table.items()}, time.monotonic() - started
 
 
@@ -200,7 +219,7 @@ CASES = ["plot-out-is-a-file", "predict-save-inputs-is-a-file", "predict-image-i
 def test_each_former_traceback_or_hang_is_one_line_and_exit_2(results, disks, case):
     got, words, seconds = results
     if case not in got:
-        pytest.skip(disks["why"])
+        pytest.skip("making a device node needs root" if "device" in case else disks["why"])
     assert got[case]["code"] == 2, got[case]["stderr"]
     line = got[case]["stderr"]
     assert line.startswith("distmnist: error: ") and line.count("\n") == 1, line
@@ -224,6 +243,16 @@ def test_a_data_dir_that_is_a_file_is_not_called_missing(results):
     assert "download" not in got["data-dir-is-a-file"]["stderr"]
 
 
+def test_counts_past_the_test_set_mean_the_whole_test_set(results, work):
+    got, *_ = results
+    for case in huge_counts(work):
+        assert got[case]["code"] == 0, got[case]["stderr"]
+    report = json.loads((work / "eval.json").read_text())
+    wrong = report["test_samples"] - report["test_correct"]
+    assert report["test_samples"] == 50 and len(report["mistakes"]) == wrong > 0
+    assert (work / "mistakes.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_gzip_bomb_is_refused_before_it_is_decompressed(work):
     """3 GiB of zeros behind a valid header: refused after one byte more than the header promises,
     in well under a second of decompression and without the memory to hold it."""
@@ -243,11 +272,14 @@ def test_a_header_promising_more_than_a_gz_can_hold_is_refused_unread(tmp_path):
 
 
 def test_a_write_never_replaces_a_device_a_pipe_or_a_folder(work):
-    for target, kind in ((Path("/dev/null"), "character device"), (work / "fifo", "named pipe"),
-                         (work / "a-folder", "folder")):
+    targets = [(work / "fifo", "named pipe"), (work / "a-folder", "folder")]
+    if (work / "null").exists():
+        targets.append((work / "null", "character device"))
+    for target, kind in targets:
         with pytest.raises(DistmnistError, match=f"cannot write {target}: it is a.* {kind}"):
             write_bytes(target, b"x")
-    assert Path("/dev/null").is_char_device() and (work / "fifo").is_fifo()
+    assert (work / "fifo").is_fifo() and (work / "a-folder").is_dir()
+    assert not (work / "null").exists() or (work / "null").is_char_device()
 
 
 # ---------------------------------------------------------------- signals and pipes, real processes
