@@ -67,11 +67,13 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def leave_process_group() -> None:
+def leave_process_group(collect: bool = True) -> None:
     """Tear the process group down, and free what still holds on to it (DDP's reducer, gloo's pending
     work), while the interpreter is fully alive. Left to interpreter exit, gloo's C++ objects are
     destroyed during finalization and abort the process (SIGABRT, "terminate called without an active
-    exception"), and the launcher then reports a crash instead of the exit code."""
+    exception"), and the launcher then reports a crash instead of the exit code. ``collect=False``:
+    the process ends without finalization (exit_process), so the collection, a walk over the whole
+    heap, has nothing to prevent."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available():
         return
@@ -80,7 +82,8 @@ def leave_process_group() -> None:
             dist.destroy_process_group()
         except Exception:  # a broken group (a peer died): nothing left to tear down cleanly
             pass
-    gc.collect()  # reference cycles (modules with hooks) would otherwise wait for finalization
+    if collect:
+        gc.collect()  # reference cycles (modules with hooks) would otherwise wait for finalization
 
 
 
@@ -224,7 +227,7 @@ def cli(main: Callable[[Sequence[str] | None], int | None]) -> Callable[..., int
             stdio.say(end.line)
         if own:
             signals.exit_code = end.code
-        leave_process_group()
+        leave_process_group(collect=not own)
         if own:
             exit_process(end.code)
         signals.restore()
