@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{', '.join(f'{x:.2f}' for x in c['epoch_seconds_without'])} s")
     if args.output_json:
         write_json(args.output_json, {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                                      "rows": rows, "full_runs": runs, "stop_checks": checks})
+                                      "rows": rows, "full_runs": runs, "stop_checks": checks}, "--output-json")
     return 0
 
 

@@ -33,6 +33,7 @@ DEFAULT_DIR = "data"  # --data-dir's default (config.py): where a first run down
 DOWNLOAD_STALL_S = 15  # give up once no byte has arrived for this long (DNS, connects and retries included)
 READ_CHUNK_BYTES = 1 << 20  # IDX data is read (decompressed) this much at a time
 DEFLATE_MAX_RATIO = 1032  # deflate's limit: a .gz file decompresses to at most this many times its size
+REPLACE_HINT = "replace it with an intact copy (or delete it: a run without --no-download downloads MNIST again)"
 
 
 @dataclass
@@ -62,21 +63,28 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     buffer of exactly the size the header gives: a file that holds more, such as a gzip bomb of zeros
     behind a valid header, is refused after one byte too many instead of being decompressed whole.
     """
-    found = check_file(path, "MNIST file")
+    found = check_file(path, "MNIST file", advice="remove it or give another --data-dir")
     if found is None:
         raise DistmnistError(f"{path}: cannot read (no such file)")
+    try:
+        return _read_idx(path, ndim, found.st_size)
+    except DistmnistError as err:  # the file is there, but it is not what MNIST's is
+        raise DistmnistError(f"{err}; {REPLACE_HINT}") from None
+
+
+def _read_idx(path: Path, ndim: int, size: int) -> torch.Tensor:
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
             shape, header = _read_header(fh, path, ndim)
             expected = math.prod(shape)
-            _check_capacity(path, found.st_size, header, shape)
+            _check_capacity(path, size, header, shape)
             data = _buffer(path, expected)
             got = _read_into(fh, data)
             extra = fh.read(1) if got == expected else b""  # for .gz this also reaches and checks the CRC
     except (OSError, EOFError, zlib.error) as err:  # zlib.error: a corrupt deflate stream inside the .gz
         raise DistmnistError(f"{path}: cannot read ({err})") from None
     if got < expected or extra:
-        holds = got if got < expected else "more" if path.suffix == ".gz" else found.st_size - header
+        holds = got if got < expected else "more" if path.suffix == ".gz" else size - header
         raise DistmnistError(f"{path}: {'truncated' if got < expected else 'has trailing bytes'}: header says "
                              f"{' x '.join(map(str, shape))} = {expected} bytes of data, file holds {holds}")
     return data.reshape(shape)

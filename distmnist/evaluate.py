@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             save(mistakes_figure(report.mistake_images, report.mistakes), Path(args.mistakes), "--mistakes")
             console.print(f"wrote {args.mistakes} ({len(report.mistakes)} mistakes)")
         if args.output_json:
-            write_json(args.output_json, report.to_dict())
+            write_json(args.output_json, report.to_dict(), "--output-json")
 
     evaluate_checkpoint(args.checkpoint, args.data_dir, no_download=args.no_download,
                         test_batch_size=args.test_batch_size, limit_test=args.limit_test,

@@ -6,6 +6,7 @@ waits for a writer that never comes) or a device (/dev/zero never ends) is refus
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -98,17 +99,29 @@ def check_folder(path: str | Path, what: str, *, advice: str = "") -> os.stat_re
 # ---------------------------------------------------------------- writing
 
 
-def write_bytes(path: str | Path, data: bytes, *, atomic: bool = True) -> Path:
+def remedy(err: OSError, what: str) -> str:
+    """What to do about a failed write or mkdir, for the end of its message (``what``: the flag that chose
+    the path, if one did)."""
+    elsewhere = f"give another {what}" if what.startswith("--") else "write elsewhere"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"; free space there or {elsewhere}"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"; {elsewhere}"
+    return ""
+
+
+def write_bytes(path: str | Path, data: bytes, *, atomic: bool = True, what: str = "") -> Path:
     """Write ``data`` to ``path``; atomic: under a temporary name in the same folder, flushed, then renamed.
 
     Files are created with open()'s mode 0o666 minus the umask (safetensors' own writer leaves 0600).
     Only a regular file is ever replaced: the rename would swap a folder's name, a named pipe or a
-    device (/dev/null, as root) for a file.
+    device (/dev/null, as root) for a file. ``what``: the flag that chose the path, named in the advice.
     """
     path = Path(path)
     found = lookup(path, "cannot write")
     if found is not None and not stat.S_ISREG(found.st_mode):
-        raise DistmnistError(f"cannot write {path}: it is {kind(found.st_mode)}, not a file")
+        raise DistmnistError(f"cannot write {path}: it is {kind(found.st_mode)}, not a file"
+                             f"{'; give another ' + what if what else ''}")
     target = path.with_name(f".tmp-{path.name}") if atomic else path
     try:
         with open(target, "wb") as fh:
@@ -123,16 +136,16 @@ def write_bytes(path: str | Path, data: bytes, *, atomic: bool = True) -> Path:
                 target.unlink()
             except OSError:
                 pass
-        raise DistmnistError(f"cannot write {path}: {err.strerror or err}") from None
+        raise DistmnistError(f"cannot write {path}: {err.strerror or err}{remedy(err, what)}") from None
     return path
 
 
-def write_text(path: str | Path, text: str, *, atomic: bool = True) -> Path:
-    return write_bytes(path, text.encode(), atomic=atomic)
+def write_text(path: str | Path, text: str, *, atomic: bool = True, what: str = "") -> Path:
+    return write_bytes(path, text.encode(), atomic=atomic, what=what)
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    return write_text(path, json_text(data))
+def write_json(path: str | Path, data: Any, what: str = "") -> Path:
+    return write_text(path, json_text(data), what=what)
 
 
 def make_dirs(path: str | Path, what: str = "folder") -> Path:
@@ -142,5 +155,5 @@ def make_dirs(path: str | Path, what: str = "folder") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DistmnistError(f"cannot create {what} {path}: {err.strerror or err}") from None
+        raise DistmnistError(f"cannot create {what} {path}: {err.strerror or err}{remedy(err, what)}") from None
     return path

@@ -52,7 +52,7 @@ def save(fig, path: Path, what: str = "folder") -> Path:
     png = io.BytesIO()
     fig.savefig(png, format="png")
     make_dirs(path.parent, what)
-    return write_bytes(path, png.getvalue())
+    return write_bytes(path, png.getvalue(), what=what)
 
 
 # ---------------------------------------------------------------- inputs

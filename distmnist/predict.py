@@ -25,7 +25,7 @@ from . import command_module
 from .args import ArgumentParser
 from .digits import MAX_PIXELS, MNIST_SIZE, quiet_pillow_bomb_warning, read_digit
 from .errors import DistmnistError, cli
-from .files import check_file, check_folder, make_dirs
+from .files import check_file, check_folder, make_dirs, remedy
 from .model import Net, to_input
 from .rundir import load_weights
 
@@ -92,7 +92,8 @@ def create_pngs(targets: list[Path], images: Sequence[Image.Image]) -> bool:
     except OSError as err:
         remove(created)
         where = err.filename or (created or targets)[-1]  # a failed open names its file, a failed write none
-        raise DistmnistError(f"--save-inputs: cannot write {where}: {err.strerror or err}") from None
+        raise DistmnistError(f"--save-inputs: cannot write {where}: {err.strerror or err}"
+                             f"{remedy(err, '--save-inputs')}") from None
 
 
 def remove(paths: list[Path]) -> bool:
