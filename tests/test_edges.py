@@ -161,7 +161,8 @@ def cases(work: Path, disks: dict) -> dict[str, tuple[str, list[str], list[str]]
         "data-file-is-a-fifo": ("train", ["--data-dir", str(work / "fifo-data"), "--no-download", *train_out],
                                 ["train-images-idx3-ubyte", "named pipe"]),
         "gzip-bomb": ("train", ["--data-dir", str(work / "bomb"), "--no-download", *train_out],
-                      ["train-images-idx3-ubyte.gz", "has trailing bytes", "100 x 28 x 28 = 78400 bytes"]),
+                      ["train-images-idx3-ubyte.gz", "has trailing bytes", "100 x 28 x 28 = 78400 bytes",
+                       "replace it with an intact copy"]),
         "bench-zero-epochs": ("bench", ["--tutorial-epochs", "0", "--fast-epochs", "0", "--no-full-run", *data[:2]],
                               ["--tutorial-epochs must be >= 1, got 0"]),
         "bench-negative-seed": ("bench", ["--seed", "-5", "--no-full-run", *data[:2]],
@@ -175,14 +176,17 @@ def cases(work: Path, disks: dict) -> dict[str, tuple[str, list[str], list[str]]
         full, readonly = disks["full"], disks["read-only"]
         table |= {
             "plot-out-full-disk": ("plot", [run, "--out", str(full / "plots")],
-                                   [str(full / "plots" / "loss.png"), "No space left on device"]),
+                                   [str(full / "plots" / "loss.png"), "No space left on device",
+                                    "free space there or give another --out"]),
             "plot-out-read-only": ("plot", [run, "--out", str(readonly / "plots")],
-                                   [str(readonly / "plots"), "Read-only file system"]),
+                                   [str(readonly / "plots"), "Read-only file system", "give another --out"]),
             "predict-save-inputs-full-disk": ("predict", ["--checkpoint", run, image, "--save-inputs",
                                                           str(full / "inputs")],
-                                              [str(full / "inputs" / "one.28x28.png"), "No space left on device"]),
+                                              [str(full / "inputs" / "one.28x28.png"), "No space left on device",
+                                               "give another --save-inputs"]),
             "predict-save-inputs-read-only": ("predict", ["--checkpoint", run, image, "--save-inputs",
-                                                          str(readonly / "inputs")], ["Read-only file system"]),
+                                                          str(readonly / "inputs")],
+                                              ["Read-only file system", "give another --save-inputs"]),
         }
     return table
 
