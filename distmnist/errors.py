@@ -181,11 +181,11 @@ def exit_process(code: int) -> NoReturn:
     takes a second or more, and Python has put every signal's default action back before it: a
     launcher's late SIGTERM there turned a finished run into a death by signal, a second Ctrl-C
     into a death without its line. (It is also where gloo's threads abort, see leave_process_group.)"""
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what registered itself for exit (logging, multiprocessing, trackers) still runs
+    # the interpreter's own exit steps, in its order: threading's exit hooks (they stop idle executor
+    # workers) and the join of non-daemon threads, then the atexit callbacks (logging, multiprocessing,
+    # trackers)
+    threading._shutdown()
+    atexit._run_exitfuncs()
     stdio.flush()
     os._exit(code)
 

@@ -286,6 +286,28 @@ def test_a_write_never_replaces_a_device_a_pipe_or_a_folder(work):
     assert not (work / "null").exists() or (work / "null").is_char_device()
 
 
+def test_a_command_that_owns_its_process_ends_it_as_python_would():
+    """Its threads finish (an idle executor's workers are let go, not waited on forever), atexit callbacks
+    run, buffered output is flushed, and the exit code is the command's."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from distmnist.errors import cli\n"
+        "@cli\n"
+        "def main(argv):\n"
+        "    ThreadPoolExecutor(2).submit(int).result()\n"
+        "    threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+        "    atexit.register(print, 'atexit ran')\n"
+        "    sys.stdout.write('buffered, no newline')\n"
+        "    return 3\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=DEADLINE_S,
+                            cwd=ROOT, env=env())
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered, no newlinethread done\natexit ran\n" and result.stderr == ""
+
+
 # ---------------------------------------------------------------- signals and pipes, real processes
 
 
