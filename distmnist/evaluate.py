@@ -105,15 +105,9 @@ class EvalReport:
         }
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None, *, no_download: bool = False,
-                        test_batch_size: int = 1000, limit_test: int | None = None, mixed_precision: str = "no",
-                        cpu: bool = False, progress: str = "auto", mistakes: int = 0,
-                        on_main: Callable[[EvalReport, Console], None] | None = None) -> EvalReport:
-    """Evaluate weights on the test set on every rank of the launch; the report, the same on every rank.
-
-    ``mistakes``: how many of the most confident mistakes to report (0: none). ``on_main``: called on
-    the main process with the report and the console before the ranks part (what the command writes;
-    its DistmnistError ends every rank together)."""
+def check_options(test_batch_size: int, limit_test: int | None, mistakes: int, mixed_precision: str,
+                  progress: str) -> None:
+    """Every option's range, named by its flag, before any work."""
     if test_batch_size < 1:
         raise DistmnistError(f"--test-batch-size must be >= 1, got {test_batch_size}")
     if limit_test is not None and limit_test < 1:
@@ -123,6 +117,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
     for flag, value, choices in (("mixed-precision", mixed_precision, PRECISIONS), ("progress", progress, PROGRESS)):
         if value not in choices:
             raise DistmnistError(f"--{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None, *, no_download: bool = False,
+                        test_batch_size: int = 1000, limit_test: int | None = None, mixed_precision: str = "no",
+                        cpu: bool = False, progress: str = "auto", mistakes: int = 0,
+                        on_main: Callable[[EvalReport, Console], None] | None = None) -> EvalReport:
+    """Evaluate weights on the test set on every rank of the launch; the report, the same on every rank.
+
+    ``mistakes``: how many of the most confident mistakes to report (0: none). ``on_main``: called on
+    the main process with the report and the console before the ranks part (what the command writes;
+    its DistmnistError ends every rank together)."""
+    check_options(test_batch_size, limit_test, mistakes, mixed_precision, progress)
     if data_dir is None:
         data_dir = (read_config(Path(checkpoint)) or {}).get("data_dir") if is_run_folder(Path(checkpoint)) else None
         data_dir = data_dir or TrainConfig().data_dir
