@@ -36,10 +36,12 @@ from torch import optim
 
 from .args import ArgumentParser
 from .batches import TrainOrder, eval_batches, train_batches
-from .data import FILES, find_file, load_mnist
+from .config import MAX_SEED
+from .data import FILES, find_file, load_mnist, missing_files
 from .distributed import make_accelerator
 from .engine import Engine, make_sgd, synchronize, tune_for_device
-from .errors import DistmnistError, cli
+from .errors import DistmnistError, RunFailed, cli
+from .files import check_file, check_folder, write_json
 from .model import Net
 from .signals import CHECK_EVERY, StopRequests
 
@@ -153,7 +155,7 @@ def full_run(data_dir: Path, launcher: str, cpu: bool) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise DistmnistError(f"full run with {launcher} failed:\n{proc.stderr[-2000:]}")
+        raise RunFailed(f"full run with {launcher} failed: {child_failure(proc)}")
     summary = json.loads((out / "run.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     seconds = summary["seconds"]
@@ -220,7 +222,7 @@ def stop_check_in_fresh_processes(argv: Sequence[str], world: int) -> dict:
         cmd = [str(torchrun), f"--nproc_per_node={world}", f"--master_port={port}", *inner]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise DistmnistError(f"stop-check benchmark on {world} process(es) failed:\n{proc.stderr[-2000:]}")
+        raise RunFailed(f"stop-check benchmark on {world} process(es) failed: {child_failure(proc)}")
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
@@ -259,13 +261,38 @@ def time_row(name: str, args: argparse.Namespace) -> dict:
     return asdict(row.finish(len(load_mnist(data_dir, allow_download=False)[0])))
 
 
+def child_failure(proc: subprocess.CompletedProcess) -> str:
+    """One line for why a child process failed: its own one-line error, else the last line it wrote."""
+    lines = [line.strip() for line in (proc.stderr or "").splitlines() if line.strip()]
+    own = [line for line in lines if line.startswith("distmnist: ")]
+    last = own[-1].removeprefix("distmnist: ").removeprefix("error: ") if own else lines[-1] if lines else "no output"
+    return f"{last} (exit {proc.returncode})"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag's range, the data and the output file, before any row runs (each in a process of its own)."""
+    for flag, value in (("--tutorial-epochs", args.tutorial_epochs), ("--fast-epochs", args.fast_epochs)):
+        if value < 1:
+            raise DistmnistError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise DistmnistError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    if args.output_json:
+        check_file(args.output_json, "--output-json", advice="give a file name")
+    data_dir = Path(args.data_dir)
+    check_folder(data_dir, "--data-dir", advice="give the folder that holds the four MNIST IDX files")
+    missing = missing_files(data_dir)
+    if missing:  # bench never downloads: it times what is on this machine
+        raise DistmnistError(f"--data-dir {data_dir}: {', '.join(missing)} not found (bench does not download: "
+                             "run `distmnist train` once, or point --data-dir at the MNIST files)")
+
+
 def row_in_fresh_process(name: str, argv: Sequence[str]) -> dict:
     """Each pipeline gets a process of its own: what one leaves behind (allocator state, thread
     pools, autotuning caches) measurably changes the next one's time (about 5% on a CPU)."""
     proc = subprocess.run([sys.executable, "-m", "distmnist.bench", *argv, "--row", name], capture_output=True,
                           text=True)
     if proc.returncode != 0:
-        raise DistmnistError(f"benchmark row {name} failed:\n{proc.stderr[-2000:]}")
+        raise RunFailed(f"benchmark row {name} failed: {child_failure(proc)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -273,6 +300,7 @@ def row_in_fresh_process(name: str, argv: Sequence[str]) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    check_args(args)
     if args.row == "stop-check":
         result = stop_check_cost(Path(args.data_dir), cpu=True, seed=args.seed)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -321,10 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"epochs with checks {', '.join(f'{x:.2f}' for x in c['epoch_seconds_with'])} s, without "
                   f"{', '.join(f'{x:.2f}' for x in c['epoch_seconds_without'])} s")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({
-            "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "rows": rows, "full_runs": runs, "stop_checks": checks,
-        }, indent=2) + "\n")
+        write_json(args.output_json, {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                      "rows": rows, "full_runs": runs, "stop_checks": checks}, "--output-json")
     return 0
 
 

@@ -36,6 +36,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # the `distmnist` script: the command ends the process (errors.cli)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--version":
         print(f"distmnist {__version__}")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(f"distmnist.{argv[0]}")
-    return module.main(argv[1:])
+    return module.main(argv[1:], own_process=own_process)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from .args import ArgumentParser, did_you_mean
 from .errors import DistmnistError
+from .files import check_file
 
 
 MAX_SEED = 2**32 - 1  # torch takes 64-bit seeds, but seed + rank and seed + epoch must not overflow
@@ -250,14 +251,18 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 def load_yaml(path: str) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
+    found = check_file(p, "--config", advice="give a YAML file of option: value lines")
+    if found is None:
         raise DistmnistError(f"--config: no such file: {p}")
+    if found.st_size > MAX_CONFIG_BYTES:  # before reading it
+        raise DistmnistError(f"--config: {p} is {found.st_size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
     try:
-        raw_bytes = p.read_bytes()
+        with open(p, "rb") as fh:
+            raw_bytes = fh.read(MAX_CONFIG_BYTES + 1)  # a file that grew since: still no more than this
     except OSError as err:
         raise DistmnistError(f"--config: cannot read {p}: {err.strerror or err}") from None
     if len(raw_bytes) > MAX_CONFIG_BYTES:
-        raise DistmnistError(f"--config: {p} is {len(raw_bytes):,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
+        raise DistmnistError(f"--config: {p} is over {MAX_CONFIG_BYTES:,} bytes; a config file is at most that")
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -48,8 +48,16 @@ def resolve_mode(mode: str, is_main: bool) -> str:
     if not is_main:
         return "none"
     if mode == "auto":
-        return "rich" if sys.stdout.isatty() else "plain"
+        return "rich" if is_terminal(sys.stdout) else "plain"
     return mode
+
+
+def is_terminal(stream) -> bool:
+    """A terminal: not a pipe, not a file, not a closed or missing stdout (None when started with ``>&-``)."""
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):  # ValueError: a closed stream
+        return False
 
 
 def clock(seconds: float | None) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from .distributed import agree, disagreeing_ranks, tensors_digest
 from .errors import DistmnistError
+from .files import check_file, check_folder
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -30,6 +31,9 @@ IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the only type MNIST uses
 DOWNLOAD_TIMEOUT_S = 20  # per socket operation, so an offline machine fails fast
 DEFAULT_DIR = "data"  # --data-dir's default (config.py): where a first run downloads to
 DOWNLOAD_STALL_S = 15  # give up once no byte has arrived for this long (DNS, connects and retries included)
+READ_CHUNK_BYTES = 1 << 20  # IDX data is read (decompressed) this much at a time
+DEFLATE_MAX_RATIO = 1032  # deflate's limit: a .gz file decompresses to at most this many times its size
+REPLACE_HINT = "replace it with an intact copy (or delete it: a run without --no-download downloads MNIST again)"
 
 
 @dataclass
@@ -53,35 +57,85 @@ class Split:
 
 
 def read_idx(path: Path, ndim: int) -> torch.Tensor:
-    """Read one IDX file of unsigned bytes with exactly ``ndim`` dimensions, checking everything."""
+    """Read one IDX file of unsigned bytes with exactly ``ndim`` dimensions, checking everything.
+
+    The header is checked first, and the data then read (for .gz: decompressed) in chunks into a
+    buffer of exactly the size the header gives: a file that holds more, such as a gzip bomb of zeros
+    behind a valid header, is refused after one byte too many instead of being decompressed whole.
+    """
+    found = check_file(path, "MNIST file", advice="remove it or give another --data-dir")
+    if found is None:
+        raise DistmnistError(f"{path}: cannot read (no such file)")
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as fh:
-            raw = fh.read()
+        return _read_idx(path, ndim, found.st_size)
+    except DistmnistError as err:  # the file is there, but it is not what MNIST's is
+        raise DistmnistError(f"{err}; {REPLACE_HINT}") from None
+
+
+def _read_idx(path: Path, ndim: int, size: int) -> torch.Tensor:
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
+            shape, header = _read_header(fh, path, ndim)
+            expected = math.prod(shape)
+            _check_capacity(path, size, header, shape)
+            data = _buffer(path, expected)
+            got = _read_into(fh, data)
+            extra = fh.read(1) if got == expected else b""  # for .gz this also reaches and checks the CRC
     except (OSError, EOFError, zlib.error) as err:  # zlib.error: a corrupt deflate stream inside the .gz
         raise DistmnistError(f"{path}: cannot read ({err})") from None
-    if len(raw) < 4:
-        raise DistmnistError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
-    if raw[0] != 0 or raw[1] != 0:
-        raise DistmnistError(f"{path}: not an IDX file (wrong magic number 0x{raw[:4].hex()})")
-    if raw[2] != IDX_UBYTE:
-        raise DistmnistError(f"{path}: IDX type 0x{raw[2]:02x}, expected 0x08 (unsigned bytes)")
-    if raw[3] != ndim:
-        raise DistmnistError(f"{path}: IDX file has {raw[3]} dimensions, expected {ndim}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    if got < expected or extra:
+        holds = got if got < expected else "more" if path.suffix == ".gz" else size - header
+        raise DistmnistError(f"{path}: {'truncated' if got < expected else 'has trailing bytes'}: header says "
+                             f"{' x '.join(map(str, shape))} = {expected} bytes of data, file holds {holds}")
+    return data.reshape(shape)
+
+
+def _read_header(fh, path: Path, ndim: int) -> tuple[list[int], int]:
+    """(shape, header size in bytes) of an IDX file of unsigned bytes, after checking its magic and type."""
+    magic = fh.read(4)
+    if len(magic) < 4:
+        raise DistmnistError(f"{path}: truncated IDX file ({len(magic)} bytes, no header)")
+    if magic[0] != 0 or magic[1] != 0:
+        raise DistmnistError(f"{path}: not an IDX file (wrong magic number 0x{magic.hex()})")
+    if magic[2] != IDX_UBYTE:
+        raise DistmnistError(f"{path}: IDX type 0x{magic[2]:02x}, expected 0x08 (unsigned bytes)")
+    if magic[3] != ndim:
+        raise DistmnistError(f"{path}: IDX file has {magic[3]} dimensions, expected {ndim}")
+    dims = fh.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DistmnistError(f"{path}: truncated IDX header")
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + math.prod(shape)
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise DistmnistError(
-            f"{path}: {what}: header says {' x '.join(map(str, shape))} = {expected - header} bytes of data, "
-            f"file holds {len(raw) - header}"
-        )
-    if expected == header:  # no items: frombuffer refuses an empty buffer, read_split names the problem
-        return torch.empty(shape, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).reshape(shape)
+    return [int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim)], 4 + 4 * ndim
+
+
+def _check_capacity(path: Path, size: int, header: int, shape: list[int]) -> None:
+    """Refuse, before allocating anything, a header that promises more data than the file can hold."""
+    expected = math.prod(shape)
+    gz = path.suffix == ".gz"
+    capacity = size * DEFLATE_MAX_RATIO if gz else size - header
+    if expected > capacity:
+        holds = f"a {size}-byte .gz file can hold at most {capacity}" if gz else f"file holds {capacity}"
+        raise DistmnistError(f"{path}: truncated: header says {' x '.join(map(str, shape))} = {expected} bytes of "
+                             f"data, {holds}")
+
+
+def _buffer(path: Path, size: int) -> torch.Tensor:
+    """An uninitialised uint8 tensor of ``size`` bytes (pages are only touched as data arrives)."""
+    try:
+        return torch.empty(size, dtype=torch.uint8)
+    except RuntimeError:  # the allocator's "can't allocate memory"
+        raise DistmnistError(f"{path}: header says {size} bytes of data, more than this machine can allocate") from None
+
+
+def _read_into(fh, data: torch.Tensor) -> int:
+    """Fill the uint8 tensor ``data`` from ``fh`` in chunks; how many bytes there were (at most its size)."""
+    view = memoryview(data.numpy())
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got : got + READ_CHUNK_BYTES])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def read_split(images_path: Path, labels_path: Path) -> Split:
@@ -101,9 +155,11 @@ def read_split(images_path: Path, labels_path: Path) -> Split:
 
 
 def find_file(data_dir: Path, name: str) -> Path | None:
+    """IDX file ``name`` (or ``name``.gz) in data_dir or data_dir/MNIST/raw, if there; something else by
+    that name (a folder, a named pipe, a device) is refused at once rather than taken for a missing file."""
     for folder in (data_dir, data_dir / "MNIST" / "raw"):
         for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
+            if check_file(candidate, "MNIST file", advice="remove it or give another --data-dir") is not None:
                 return candidate
     return None
 
@@ -202,6 +258,8 @@ def offline_message(data_dir: Path, reason: str, existed: bool) -> str:
 def load_mnist(data_dir: str | Path, allow_download: bool = True) -> tuple[Split, Split]:
     """Return (train, test) from local IDX files, downloading them first only if they are missing."""
     data_dir = Path(data_dir)
+    # a file there would pass for a folder without MNIST, then fail as a place to download into
+    check_folder(data_dir, "--data-dir", advice="give the folder that holds the four MNIST IDX files")
     missing = missing_files(data_dir)
     if missing and not allow_download:
         raise DistmnistError(

@@ -30,7 +30,7 @@ from .data import load_data
 from .distributed import agree, make_accelerator, shutdown
 from .engine import Engine
 from .errors import DistmnistError, cli
-from .files import write_json
+from .files import check_file, write_json
 from .model import Net
 from .plot import mistakes_figure, require_matplotlib, save
 from .report import (Mistake, confusion_matrix, confusion_table, local_mistakes, per_class_accuracy, per_class_table,
@@ -105,15 +105,9 @@ class EvalReport:
         }
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None, *, no_download: bool = False,
-                        test_batch_size: int = 1000, limit_test: int | None = None, mixed_precision: str = "no",
-                        cpu: bool = False, progress: str = "auto", mistakes: int = 0,
-                        on_main: Callable[[EvalReport, Console], None] | None = None) -> EvalReport:
-    """Evaluate weights on the test set on every rank of the launch; the report, the same on every rank.
-
-    ``mistakes``: how many of the most confident mistakes to report (0: none). ``on_main``: called on
-    the main process with the report and the console before the ranks part (what the command writes;
-    its DistmnistError ends every rank together)."""
+def check_options(test_batch_size: int, limit_test: int | None, mistakes: int, mixed_precision: str,
+                  progress: str) -> None:
+    """Every option's range, named by its flag, before any work."""
     if test_batch_size < 1:
         raise DistmnistError(f"--test-batch-size must be >= 1, got {test_batch_size}")
     if limit_test is not None and limit_test < 1:
@@ -123,6 +117,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
     for flag, value, choices in (("mixed-precision", mixed_precision, PRECISIONS), ("progress", progress, PROGRESS)):
         if value not in choices:
             raise DistmnistError(f"--{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None, *, no_download: bool = False,
+                        test_batch_size: int = 1000, limit_test: int | None = None, mixed_precision: str = "no",
+                        cpu: bool = False, progress: str = "auto", mistakes: int = 0,
+                        on_main: Callable[[EvalReport, Console], None] | None = None) -> EvalReport:
+    """Evaluate weights on the test set on every rank of the launch; the report, the same on every rank.
+
+    ``mistakes``: how many of the most confident mistakes to report (0: none). ``on_main``: called on
+    the main process with the report and the console before the ranks part (what the command writes;
+    its DistmnistError ends every rank together)."""
+    check_options(test_batch_size, limit_test, mistakes, mixed_precision, progress)
     if data_dir is None:
         data_dir = (read_config(Path(checkpoint)) or {}).get("data_dir") if is_run_folder(Path(checkpoint)) else None
         data_dir = data_dir or TrainConfig().data_dir
@@ -133,6 +139,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
     for note in notes:
         console.notice(note)
     _, test = load_data(accelerator, data_dir, no_download, limit_test=limit_test)
+    # more than the test set holds means the whole test set (and keeps sizes within what torch indexes)
+    test_batch_size, mistakes = min(test_batch_size, len(test)), min(mistakes, len(test))
 
     model = Net()
     model.load_state_dict(weights)
@@ -179,20 +187,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DistmnistError(f"--mistakes-count must be >= 1, got {args.mistakes_count}")
     if args.mistakes:
         require_matplotlib()  # fail before any work, on every rank
-    for option in ("output_json", "mistakes"):
-        target = getattr(args, option)
-        if target and Path(target).is_dir():
-            raise DistmnistError(f"--{option.replace('_', '-')} {target} is a folder; give a file name")
+    check_file(args.checkpoint, "--checkpoint", folder=True,
+               advice="give a model.safetensors file, a checkpoint folder or a run folder")
+    for flag, target in (("--output-json", args.output_json), ("--mistakes", args.mistakes)):
+        if target:  # what would be replaced, checked before the evaluation rather than after it
+            check_file(target, flag, advice="give a file name")
 
     def write(report: EvalReport, console: Console) -> None:
-        try:
-            if args.mistakes:
-                save(mistakes_figure(report.mistake_images, report.mistakes), Path(args.mistakes))
-                console.print(f"wrote {args.mistakes} ({len(report.mistakes)} mistakes)")
-            if args.output_json:
-                write_json(args.output_json, report.to_dict())
-        except OSError as err:
-            raise DistmnistError(f"cannot write {args.mistakes}: {err.strerror or err}") from None
+        if args.mistakes:
+            save(mistakes_figure(report.mistake_images, report.mistakes), Path(args.mistakes), "--mistakes")
+            console.print(f"wrote {args.mistakes} ({len(report.mistakes)} mistakes)")
+        if args.output_json:
+            write_json(args.output_json, report.to_dict(), "--output-json")
 
     evaluate_checkpoint(args.checkpoint, args.data_dir, no_download=args.no_download,
                         test_batch_size=args.test_batch_size, limit_test=args.limit_test,

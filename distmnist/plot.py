@@ -12,6 +12,7 @@ The mistakes grid of ``distmnist evaluate --mistakes`` is drawn here too.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from pathlib import Path
@@ -23,6 +24,7 @@ from .args import ArgumentParser
 from .catalogue import load_weights
 from .console import Console, resolve_mode
 from .errors import DistmnistError, cli
+from .files import check_file, check_folder, make_dirs, write_bytes
 from .report import Mistake
 
 INSTALL_HINT = 'pip install "distmnist[plot]"'
@@ -44,10 +46,13 @@ def require_matplotlib() -> None:
     figure(1, 1)
 
 
-def save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+def save(fig, path: Path, what: str = "folder") -> Path:
+    """The figure as a PNG at ``path``, written whole or not at all (files.write_bytes: a full or read-only
+    disk leaves no partial file); ``what`` names the folder in an error (the flag that chose it)."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    make_dirs(path.parent, what)
+    return write_bytes(path, png.getvalue(), what=what)
 
 
 # ---------------------------------------------------------------- inputs
@@ -55,10 +60,14 @@ def save(fig, path: Path) -> Path:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The per-epoch records of metrics.jsonl, checked for the keys the plots need."""
-    if not path.is_file():
+    if check_file(path, "metrics") is None:
         raise DistmnistError(f"{path}: no such file (is the folder a distmnist run's --output-dir?)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DistmnistError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -177,20 +186,20 @@ def write_plots(run_dir: Path, out: Path, console: Console) -> list[Path]:
     require_matplotlib()
     records = read_metrics(run_dir / "metrics.jsonl")
     weights = run_weights(run_dir, console)
-    return [
-        save(loss_figure(records), out / "loss.png"),
-        save(accuracy_figure(records), out / "accuracy.png"),
-        save(throughput_figure(records), out / "throughput.png"),
-        save(kernels_figure(weights["conv1.weight"]), out / "kernels.png"),
-    ]
+    make_dirs(out, "--out")  # before drawing: a taken or unwritable --out fails at once
+    figures = {"loss.png": loss_figure(records), "accuracy.png": accuracy_figure(records),
+               "throughput.png": throughput_figure(records), "kernels.png": kernels_figure(weights["conv1.weight"])}
+    return [save(fig, out / name, "--out") for name, fig in figures.items()]
 
 
 @cli
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
+    if check_folder(run_dir, "RUN_DIR", advice="give a training run's --output-dir") is None:
         raise DistmnistError(f"RUN_DIR: no such folder: {run_dir}")
+    if args.out:
+        check_folder(args.out, "--out", advice="give a folder for the PNGs")
     console = Console(resolve_mode(args.progress, True))
     for path in write_plots(run_dir, Path(args.out) if args.out else run_dir / "plots", console):
         console.print(f"wrote {path}")

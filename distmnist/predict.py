@@ -25,6 +25,7 @@ from . import command_module
 from .args import ArgumentParser
 from .digits import MAX_PIXELS, MNIST_SIZE, quiet_pillow_bomb_warning, read_digit
 from .errors import DistmnistError, cli
+from .files import check_file, check_folder, make_dirs, remedy
 from .model import Net, to_input
 from .catalogue import load_weights
 
@@ -56,33 +57,49 @@ def predict(model: Net, digits: torch.Tensor, files: Sequence[str]) -> list[Pred
 
 
 def save_inputs(out: Path, files: Sequence[str], digits: torch.Tensor) -> list[Path]:
-    """DIR/NAME.28x28.png and DIR/NAME.280x280.png per file; NAME-2, NAME-3 ... where a name is taken."""
-    out.mkdir(parents=True, exist_ok=True)
+    """DIR/NAME.28x28.png and DIR/NAME.280x280.png per file; NAME-2, NAME-3 ... where a name is taken.
+    A failed write (full or read-only disk) removes the files of that image and is one line naming the file."""
+    make_dirs(out, "--save-inputs")
     big = MNIST_SIZE * ENLARGE
     written = []
     for path, digit in zip(files, digits):
         small = Image.fromarray(digit.numpy())
-        large = small.resize((big, big), Image.Resampling.NEAREST)
+        images = (small, small.resize((big, big), Image.Resampling.NEAREST))
         stem = Path(path).stem
         for n in range(1, 10_000):
             name = stem if n == 1 else f"{stem}-{n}"
             targets = [out / f"{name}.{MNIST_SIZE}x{MNIST_SIZE}.png", out / f"{name}.{big}x{big}.png"]
-            try:  # "x": create, never overwrite, even if another process writes there at the same time
-                with open(targets[0], "xb") as fh:
-                    small.save(fh, format="PNG")
-            except FileExistsError:
-                continue
-            try:
-                with open(targets[1], "xb") as fh:
-                    large.save(fh, format="PNG")
-            except FileExistsError:
-                targets[0].unlink()
-                continue
-            written += targets
-            break
+            if create_pngs(targets, images):
+                written += targets
+                break
         else:
             raise DistmnistError(f"--save-inputs: no free name for {path} in {out}")
     return written
+
+
+def create_pngs(targets: list[Path], images: Sequence[Image.Image]) -> bool:
+    """Each image as a PNG at its target, never overwriting (mode "x", even against another process
+    writing there at the same time); False if a name is taken. Nothing is left of a failed try."""
+    created: list[Path] = []
+    try:
+        for target, image in zip(targets, images):
+            with open(target, "xb") as fh:
+                created.append(target)
+                image.save(fh, format="PNG")
+        return True
+    except FileExistsError:
+        return remove(created)
+    except OSError as err:
+        remove(created)
+        where = err.filename or (created or targets)[-1]  # a failed open names its file, a failed write none
+        raise DistmnistError(f"--save-inputs: cannot write {where}: {err.strerror or err}"
+                             f"{remedy(err, '--save-inputs')}") from None
+
+
+def remove(paths: list[Path]) -> bool:
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return False
 
 
 def table(predictions: list[Prediction], k: int) -> Table:
@@ -123,6 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_pixels < 1:
         raise DistmnistError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     quiet_pillow_bomb_warning()
+    check_file(args.checkpoint, "--checkpoint", folder=True,
+               advice="give a model.safetensors file, a checkpoint folder or a run folder")
+    for path in args.images:  # a named pipe would wait for a writer, a device never end: refused before any work
+        check_file(path, "IMAGE", advice="give image files (PNG, JPEG, GIF, TIFF)")
+    if args.save_inputs:
+        check_folder(args.save_inputs, "--save-inputs", advice="give a folder for the images")
     model = load_model(args.checkpoint)
     # every file checked before any output
     digits = torch.stack([read_digit(path, max_pixels=args.max_pixels) for path in args.images])

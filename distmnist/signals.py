@@ -53,10 +53,19 @@ class StopRequests:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT and self.code:
-            raise KeyboardInterrupt  # the second request, and a Ctrl-C: abort now
-        if not self.code:
+        if signum == signal.SIGINT and self.code:  # the second request, and a Ctrl-C: abort now
+            self._interrupt(signum, frame)
+        elif not self.code:
             self.code = signum
+
+    def _interrupt(self, signum: int, frame) -> None:
+        """Whatever Ctrl-C did before these handlers: a command's boundary (errors.cli) raises
+        KeyboardInterrupt once and ignores the Ctrl-C after it, Python's default raises it each time."""
+        previous = self._previous.get(signal.SIGINT)
+        if callable(previous):
+            previous(signum, frame)
+        else:  # SIG_DFL or SIG_IGN: neither is a Python function to call
+            raise KeyboardInterrupt
 
     def diverged(self) -> None:
         """Called where the loss reaches the host and is not finite."""

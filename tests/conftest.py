@@ -197,13 +197,12 @@ STOP_DRIVER = textwrap.dedent(
 
 
 
-# Calls the real entry points, train.main(argv) and evaluate.main(argv) (what `python -m` runs, with its
-# exit code and one-line error), once per case in one process: one torch import instead of dozens.
-# argv[1]: JSON {case: [command, argv, environ]}; prints JSON {case: {code, stderr}}.
+# Calls the real entry points, train.main(argv), evaluate.main(argv), plot.main(argv) ... (what `python -m`
+# runs, with its exit code and one-line error), once per case in one process: one torch import instead of
+# dozens. argv[1]: JSON {case: [command, argv, environ]}; prints JSON {case: {code, stderr}}.
 IN_PROCESS_DRIVER = textwrap.dedent(
     """
-    import contextlib, io, json, os, sys, traceback
-    from distmnist import evaluate, train
+    import contextlib, importlib, io, json, os, sys, traceback
 
     cases = json.loads(sys.argv[1])
     results = {}
@@ -213,7 +212,7 @@ IN_PROCESS_DRIVER = textwrap.dedent(
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             try:
-                code = (train if command == "train" else evaluate).main(argv)
+                code = importlib.import_module(f"distmnist.{command}").main(argv)
             except SystemExit as exit:
                 code = exit.code
             except BaseException:
@@ -226,9 +225,9 @@ IN_PROCESS_DRIVER = textwrap.dedent(
 )
 
 
-def run_in_process(cases: dict[str, tuple[str, list[str], dict[str, str]]]) -> dict[str, dict]:
+def run_in_process(cases: dict[str, tuple[str, list[str], dict[str, str]]], timeout: float = 300) -> dict[str, dict]:
     """Each case (command, argv, extra environment) through IN_PROCESS_DRIVER: {case: {code, stderr}}."""
     result = subprocess.run([sys.executable, "-c", IN_PROCESS_DRIVER, json.dumps(cases)], capture_output=True,
-                            text=True, timeout=300, cwd=ROOT, env=env())
+                            text=True, timeout=timeout, cwd=ROOT, env=env())
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])

@@ -45,6 +45,7 @@ httpx = pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
 from distmnist.serve.app import Limits, create_app  # noqa: E402
+from distmnist.serve.hosts import allowed_hosts  # noqa: E402
 
 CHROMIUM = Path(os.environ.get("DISTMNIST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -99,9 +100,14 @@ def run_dir(tmp_path, mnist_dir) -> Path:
     return run
 
 
+def local_client(app, **kw) -> TestClient:
+    """A TestClient that names this machine in its Host header (the app answers no other name)."""
+    return TestClient(app, base_url="http://localhost", **kw)
+
+
 @pytest.fixture
 def client(run_dir):
-    with TestClient(create_app(run_dir, run_dir / "unused", LIMITS), raise_server_exceptions=False) as c:
+    with local_client(create_app(run_dir, run_dir / "unused", LIMITS), raise_server_exceptions=False) as c:
         yield c
 
 
@@ -151,6 +157,12 @@ def blank_animation(frames: int, side: int) -> bytes:
     return out.getvalue()
 
 
+def webp(png_bytes: bytes) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes)).save(out, format="WEBP")
+    return out.getvalue()
+
+
 HOSTILE = {
     "empty": (b"", 400),
     "text": (b"this is not a picture\n", 400),
@@ -167,6 +179,7 @@ HOSTILE = {
     "bmp header bomb": (bmp_header_bomb(), 413),
     "blank frames past the pixel limit": (blank_animation(3, 1000), 413),  # 1,000,000 pixels each
     "blank frames": (blank_animation(3, 100), 422),
+    "webp": (webp(seven_png()), 400),  # read by predict, not by serve
 }
 
 
@@ -175,6 +188,8 @@ def test_malformed_and_hostile_uploads_get_a_4xx_json_error(client, name):
     body, status = HOSTILE[name]
     r = client.post("/api/predict", content=body, headers={"Content-Type": "image/png"})
     assert is_json_error(r, status), (r.status_code, r.text)
+    if status == 400 and body:
+        assert "(PNG, JPEG, GIF, BMP)" in r.json()["error"]  # what serve reads
     assert "object at 0x" not in r.text  # no Python reprs either
 
 
@@ -196,7 +211,22 @@ def test_oversized_uploads_are_refused(client, tmp_path):
     assert is_json_error(r, 415) and "--data-binary" in r.json()["error"]
     assert is_json_error(client.get("/api/predict"), 405)
     assert is_json_error(client.get("/api/nothing"), 404)
-    assert client.get("/static/../../../etc/passwd").status_code == 404
+    assert is_json_error(client.get("/static/../../../etc/passwd"), 404)
+    assert is_json_error(client.post("/static/draw.js"), 405)
+
+
+def test_only_this_machines_names_are_answered(run_dir):
+    """A page elsewhere that points its own name at 127.0.0.1 (DNS rebinding) still sends that name as Host."""
+    hosts = allowed_hosts("127.0.0.1", ["digits.example", "*.lan"])
+    with local_client(create_app(run_dir, run_dir / "unused", LIMITS, hosts)) as client:
+        for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST", "digits.example",
+                     "box.lan:80"):
+            assert client.get("/api/run", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil", "lan", "[::2]"):
+            for method, path in (("GET", "/api/run"), ("GET", "/"), ("GET", "/static/draw.js"), ("POST", "/api/predict")):
+                r = client.request(method, path, headers={"Host": host}, content=seven_png())
+                assert is_json_error(r, 400) and repr(host) in r.json()["error"], (host, path, r.text)
+                assert "--allowed-host" in r.json()["error"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -225,7 +255,7 @@ def test_fuzzed_uploads_never_get_a_500(client, data):
 def test_weights_that_change_on_disk_are_served_only_once_they_verify(tmp_path, mnist_dir):
     run = tmp_path / "run"
     add_checkpoint(run, 1, seed=1)
-    with TestClient(create_app(run, mnist_dir, LIMITS)) as client:
+    with local_client(create_app(run, mnist_dir, LIMITS)) as client:
 
         def served(expect: str) -> dict:
             deadline = time.monotonic() + 10
@@ -269,7 +299,7 @@ def test_the_report_is_computed_on_demand_and_cached_per_checkpoint(run_dir, mni
     calls = []
     compute = Reports.compute
     monkeypatch.setattr(Reports, "compute", lambda self, w: calls.append(w.key) or compute(self, w))
-    with TestClient(create_app(run_dir, mnist_dir, LIMITS)) as client:
+    with local_client(create_app(run_dir, mnist_dir, LIMITS)) as client:
         assert calls == []  # nothing computed before it is asked for
         first = client.get("/api/report").json()
         _, test = load_mnist(mnist_dir, allow_download=False)
@@ -287,7 +317,7 @@ def test_the_report_is_computed_on_demand_and_cached_per_checkpoint(run_dir, mni
             time.sleep(0.05)
         assert client.get("/api/report").json()["model"]["key"] != first["model"]["key"] and len(calls) == 2
 
-    with TestClient(create_app(run_dir, run_dir / "no-mnist-here", LIMITS)) as client:
+    with local_client(create_app(run_dir, run_dir / "no-mnist-here", LIMITS)) as client:
         r = client.get("/api/report")
         assert is_json_error(r, 503) and "--data-dir" in r.json()["error"]
 
@@ -303,7 +333,7 @@ def test_a_run_without_weights_yet_is_served_and_says_so(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text('{"epochs": 5}')
-    with TestClient(create_app(run, tmp_path, LIMITS)) as client:
+    with local_client(create_app(run, tmp_path, LIMITS)) as client:
         state = client.get("/api/run").json()
         assert state["model"] is None and state["epochs"] == [] and not state["finished"]
         r = client.post("/api/predict", content=seven_png())
@@ -323,10 +353,9 @@ def serving(run: Path, *args):
     proc = subprocess.Popen(serve_cmd(run, "--port", "0", *args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("serving "), line + proc.stderr.read()
-        url = line.split(" at ")[1].split("/ ")[0]
-        yield url, proc
+        lines = [proc.stdout.readline() for _ in range(3)]  # serving RUN, what the pages are, the URL
+        assert lines[0].startswith("serving ") and lines[2].startswith("http://"), "".join(lines) + proc.stderr.read()
+        yield lines[2].strip().rstrip("/"), proc
     finally:
         stop_process(proc, timeout=10)
 
@@ -342,25 +371,48 @@ def test_command_errors_are_one_line(tmp_path, run_dir, capsys):
     assert "nowhere: no such run folder" in fails(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     assert "not a distmnist run folder" in fails(tmp_path / "empty")
-    assert "--max-pixels must be >= 1" in fails(run_dir, "--max-pixels", "0")
+    assert "--max-pixels must be >= 1, got 0" in fails(run_dir, "--max-pixels", "0")
+    assert "--port must be from 0 to 65535, got 70000" in fails(run_dir, "--port", "70000")
+    assert "--port must be from 0 to 65535, got -1" in fails(run_dir, "--port", "-1")
+    assert "--workers must be from 1 to 1024, got 0" in fails(run_dir, "--workers", "0")
+    assert "--max-connections must be >= 1, got 0" in fails(run_dir, "--max-connections", "0")
+    assert "--request-timeout must be a number of seconds > 0, got nan" in fails(run_dir, "--request-timeout", "nan")
+    assert "--poll-seconds must be a number of seconds > 0, got inf" in fails(run_dir, "--poll-seconds", "inf")
+    assert "invalid int value: 'eighty'" in fails(run_dir, "--port", "eighty")
+    for bad in ("example.org:8000", "http://example.org", "ex*ample.org", ""):
+        assert f"--allowed-host {bad!r}: give a host name" in fails(run_dir, "--allowed-host", bad)
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         assert f"cannot listen on 127.0.0.1:{port}" in fails(run_dir, "--port", port)
+    assert "cannot listen on " + "x" * 70 in fails(run_dir, "--host", "x" * 70 + ".example")  # IDNA refuses it
     (run_dir / "model.safetensors").write_bytes(b"\0" * 100)  # loaded once, verified, as evaluate does
     assert "not a valid safetensors file" in fails(run_dir)
 
 
-def test_a_public_host_gets_a_warning(run_dir, monkeypatch, capsys):
+def test_start_up_lines_fit_80_columns_with_the_url_on_its_own(run_dir, monkeypatch, capsys):
     import uvicorn
 
     served = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.append(sockets[0].getsockname()))
     assert serve_main([str(run_dir), "--host", "0.0.0.0", "--port", "0"]) == 0
     out, err = capsys.readouterr()
-    assert "warning: listening on 0.0.0.0: anyone who can reach this machine" in err
-    assert served[0][0] == "0.0.0.0" and f":{served[0][1]}/run" in out
-    assert serve_main([str(run_dir), "--port", "0"]) == 0
-    assert capsys.readouterr().err == ""  # localhost: no warning
+    port = served[0][1]
+    assert err.splitlines() == [f"distmnist: warning: open to the network on 0.0.0.0:{port}, no password, no TLS",
+                                "distmnist: warning: other machines must use a name given to --allowed-host"]
+    lines = out.splitlines()
+    assert lines[0].startswith("serving ") and len(lines[0]) <= 80
+    assert lines[1:] == ["/ draws a digit, /run shows the run; Ctrl+C stops", f"http://0.0.0.0:{port}/"]
+    assert serve_main([str(run_dir), "--host", "0.0.0.0", "--port", "0", "--allowed-host", "box.lan"]) == 0
+    assert "--allowed-host" not in capsys.readouterr().err  # told how other machines reach it
+    deep = run_dir.parent / ("a-very-long-folder-name-" * 4) / "runs" / "mnist"
+    shutil.copytree(run_dir, deep)
+    assert serve_main([str(deep), "--port", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # localhost: no warning
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines) and lines[0].startswith("serving /") and lines[0].endswith("runs/mnist")
+    assert "..." in lines[0] and len(f"serving {deep}") > 80  # the middle of the long path elided
+    assert lines[-1] == f"http://127.0.0.1:{served[-1][1]}/"
 
 
 async def burst(url: str, bodies: list[bytes]) -> tuple[list[httpx.Response], float]:
