@@ -25,6 +25,7 @@ MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_EPOCHS = 1_000_000  # nothing set up grows with the run's length; the bound keeps step counts far from int64
 MAX_BATCH = 1_000_000  # images per step: more than MNIST holds, far below int64 and memory overflows
 MAX_LIMIT = 10**9  # --limit-train / --limit-test / --val-size: more images than any IDX file can hold
+PATH_FIELDS = ("data_dir", "output_dir", "resume")  # a number here is a mistake, not a folder name
 MAX_CONFIG_BYTES = 1 << 20  # a config of a dozen options: anything bigger is not one
 MAX_YAML_ALIASES = 20  # enough for any sane config, too few for an exponential "billion laughs"
 
@@ -214,7 +215,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif kind.startswith("str"):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):
+            return value
+        if name in PATH_FIELDS:
+            raise DistmnistError(f"{source}: '{name}' must be a path (a string), got {type(value).__name__} {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # checkpoint_every: 500
             return str(value)
     raise DistmnistError(f"{source}: '{name}' must be {kind.split(' |')[0]}, got {value!r}")
 

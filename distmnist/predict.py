@@ -39,6 +39,10 @@ class Prediction:
     probabilities: list[float]  # index = digit
 
     def top(self, k: int) -> list[tuple[int, float]]:
+        """The k most probable digits with their probabilities, most probable first (1 <= k <= 10)."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.probabilities):
+            raise DistmnistError(f"Prediction.top(k): k must be a whole number from 1 to {len(self.probabilities)}, "
+                                 f"got {k!r}")
         order = sorted(range(len(self.probabilities)), key=lambda d: -self.probabilities[d])[:k]
         return [(d, self.probabilities[d]) for d in order]
 

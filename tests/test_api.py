@@ -259,6 +259,70 @@ def test_bad_evaluate_and_predict_arguments_raise_the_command_lines_message(runs
     assert str(raised.value) == message
 
 
+def test_every_function_answers_a_wrong_call_with_distmnists_error(runs, tmp_path):
+    weights = runs.result.weights
+    cases = {
+        "evaluate(weights, mistake=3)": (lambda: distmnist.evaluate(weights, mistake=3),
+                                         "distmnist.evaluate(): unknown argument 'mistake'; did you mean mistakes?"),
+        "evaluate()": (lambda: distmnist.evaluate(), "distmnist.evaluate(): missing a required argument: 'checkpoint'"),
+        "evaluate(5)": (lambda: distmnist.evaluate(5), "distmnist.evaluate(): 'checkpoint' must be a path"),
+        "load_run(5)": (lambda: distmnist.load_run(5), "distmnist.load_run(): 'output_dir' must be a path (a str or "
+                                                        "os.PathLike), got int 5"),
+        "load_run(None)": (lambda: distmnist.load_run(None), "'output_dir' must be a path (a str or os.PathLike), got "
+                                                              "NoneType None"),
+        "load_run(file)": (lambda: distmnist.load_run(weights), f"distmnist.load_run(): {weights} is a file, not a run "
+                                                                "folder: give the run's --output-dir"),
+        "load_run(run, x=1)": (lambda: distmnist.load_run(runs.api, x=1), "unknown argument 'x'"),
+        "predict(weights, 5)": (lambda: distmnist.predict(weights, 5),
+                                "distmnist.predict(): 'images' must be an image (a file name, a PIL image, a uint8 "
+                                "array of 28 x 28 digits) or a list of them, got int 5"),
+        "predict(weights, [], max_pixel=9)": (lambda: distmnist.predict(weights, [], max_pixel=9),
+                                              "unknown argument 'max_pixel'; did you mean max_pixels?"),
+        "train(data_dir=123)": (lambda: distmnist.train(data_dir=123), "'data_dir' must be a path (a string), got "
+                                                                       "int 123"),
+        "train(epoch=2)": (lambda: distmnist.train(epoch=2), "unknown option 'epoch'; did you mean epochs?"),
+        "top(-1)": (lambda: distmnist.predict(weights, [ROOT / "docs" / "my-digit.png"])[0].top(-1),
+                    "Prediction.top(k): k must be a whole number from 1 to 10, got -1"),
+        "top(11)": (lambda: distmnist.predict(weights, [ROOT / "docs" / "my-digit.png"])[0].top(11), "got 11"),
+    }
+    for name, (call, needle) in cases.items():
+        with pytest.raises(distmnist.DistmnistError) as raised:
+            call()
+        assert needle in str(raised.value), (name, str(raised.value))
+    assert len(distmnist.predict(weights, [ROOT / "docs" / "my-digit.png"])[0].top(10)) == 10
+
+
+def test_a_second_train_in_the_same_process_while_one_runs_is_refused(runs, tmp_path):
+    code = textwrap.dedent(f"""
+        import threading, time, distmnist
+        from distmnist import engine
+        started, release = threading.Event(), threading.Event()
+        real = engine.Engine._step
+        def step(self, *args):  # the first run waits in its first step until the second has been tried
+            started.set()
+            release.wait(60)
+            return real(self, *args)
+        engine.Engine._step = step
+        first = threading.Thread(target=lambda: distmnist.train(data_dir={str(runs.data)!r}, output_dir=
+                                 {str(tmp_path / 'one')!r}, epochs=1, progress="none"))
+        first.start()
+        started.wait(60)
+        try:
+            distmnist.train(data_dir={str(runs.data)!r}, output_dir={str(tmp_path / 'two')!r}, epochs=1,
+                            progress="none")
+        except distmnist.DistmnistError as err:
+            print("refused:", err)
+        release.set()
+        first.join()
+        print("first finished:", distmnist.load_run({str(tmp_path / 'one')!r}).finished)
+    """)
+    proc = check(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                                env=env()))
+    assert "refused: distmnist.train(): another train() is running in this process" in proc.stdout
+    assert "first finished: True" in proc.stdout
+    assert not (tmp_path / "two").exists()
+
+
 def test_missing_data_raises_the_command_lines_message(tmp_path):
     nowhere = tmp_path / "no-mnist"
     proc = run_module("train", "--data-dir", nowhere, "--output-dir", tmp_path / "cli", "--no-download")

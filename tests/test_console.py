@@ -10,7 +10,8 @@ import pytest
 from rich.console import Console as RichConsole
 
 from distmnist import console as console_module
-from distmnist.console import Console, Outputs, RunClock, live_rows, run_header, summary_lines
+from distmnist.clock import RunClock
+from distmnist.console import Console, Outputs, live_rows, run_header, summary_lines
 from distmnist.model import Net, layer_summary
 
 FILES = ("model.safetensors", "checkpoints/", "metrics.jsonl", "run.json", "config.json")
