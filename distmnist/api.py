@@ -9,8 +9,8 @@
     distmnist.load_run("runs/py")  # what a run wrote: under notebook_launcher, the way back to the caller
 
 Each function is a thin layer over its command's own code: train() validates its options with
-config.py (the command line's checks and messages) and runs train.run_training; evaluate() is
-evaluate.evaluate_checkpoint; predict() uses predict.py's model loading and classification.
+config.py (the command line's checks and messages) and runs training.run_training; evaluate() is
+evaluation.evaluate_checkpoint; predict() uses prediction.py's model loading and classification.
 Errors are DistmnistError (bad input), RunFailed (the run broke) and RunStopped (a signal, e.g.
 interrupting the kernel: the position is saved); nothing calls sys.exit.
 """
@@ -37,12 +37,12 @@ from .args import did_you_mean
 from .config import _coerce, request_from
 from .digits import MAX_PIXELS, MNIST_SIZE, mnist_digit, quiet_pillow_bomb_warning, read_digit
 from .errors import DistmnistError, RunFailed, RunStopped, leave_process_group
-from .evaluate import EvalReport, evaluate_checkpoint
-from .predict import Prediction, load_model
-from .predict import predict as classify
+from .evaluation import EvalReport, evaluate_checkpoint
+from .prediction import Prediction, load_model
+from .prediction import predict as classify
 from .report import Mistake
 from .catalogue import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
-from .train import run_training
+from .training import run_training
 
 __all__ = ["train", "evaluate", "predict", "load_run", "TrainResult", "EpochRecord", "EvalReport", "Prediction",
            "Mistake", "DistmnistError", "RunFailed", "RunStopped"]

@@ -74,6 +74,13 @@ def check_launch() -> None:
     """Refuse launcher settings distmnist does not implement, before Accelerate acts on them: it trains
     plain data parallel (DDP), one optimizer step per batch, eagerly or in a CUDA graph."""
     launched_world_size()  # a malformed WORLD_SIZE / RANK is a one-line error, not Accelerate's traceback
+    if "ACCELERATE_DYNAMO_BACKEND" in os.environ and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        # accelerate launch's one-process launcher, which sets a rendezvous address only when it was asked for
+        # several processes (with --cpu, or without --multi_gpu), and then starts one
+        raise DistmnistError("accelerate launch was asked for several processes but started this one alone (it does "
+                             "so with --cpu, or without --multi_gpu); refusing to train one process as if it were "
+                             "several: on a CPU launch with --multi_gpu and ACCELERATE_USE_CPU=1, or use torchrun "
+                             "--nproc_per_node N")
     for name, value, what in UNSUPPORTED_LAUNCH:
         if os.environ.get(name, "").lower() == value:
             raise DistmnistError(f"the launcher asks for {what} ({name}={os.environ[name]}); distmnist trains plain data "

@@ -156,7 +156,7 @@ STOP_DRIVER = textwrap.dedent(
     import os, signal, sys, time
     import distmnist.checkpoint as checkpoint
     import distmnist.engine as engine
-    from distmnist.train import main
+    from distmnist.training import main
 
     where, at, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     sig = getattr(signal, name)

@@ -50,7 +50,7 @@ DRIVER = textwrap.dedent(
     """
     import os, signal, sys
     import distmnist.checkpoint as ckpt
-    from distmnist.train import main
+    from distmnist.training import main
 
     mode, at = sys.argv[1], int(sys.argv[2])
     calls = 0

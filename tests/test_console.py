@@ -189,7 +189,7 @@ def test_a_real_run_at_80_columns(mnist_dir, tmp_path, monkeypatch):
     """train with --progress rich on a recording console of 80 columns."""
     from accelerate.state import AcceleratorState
 
-    from distmnist.train import main
+    from distmnist.training import main
 
     rc = recording(80)
     monkeypatch.setattr(console_module, "RichConsole", lambda **kwargs: rc)

@@ -33,7 +33,7 @@ KILL_ONCE = textwrap.dedent(
     """
     import os, signal, sys
     import distmnist.engine as engine
-    from distmnist.train import main
+    from distmnist.training import main
 
     at, marker = int(sys.argv[1]), sys.argv[2]
     me = os.environ.get("RANK") == os.environ.get("KILL_RANK", "1")

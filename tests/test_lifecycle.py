@@ -59,7 +59,7 @@ FAIL_ON_RANK_0 = textwrap.dedent(
     import errno, fcntl, os, sys
     import distmnist.records as records
     import distmnist.rundir as rundir
-    from distmnist.train import main
+    from distmnist.training import main
 
     where = os.environ["FAIL_WHERE"]
     if os.environ.get("RANK", "0") == "0":

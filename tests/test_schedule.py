@@ -168,7 +168,7 @@ def fresh_accelerate():
 def train(data: Path, out: Path, *extra: str) -> int:
     from accelerate.state import AcceleratorState
 
-    from distmnist.train import main
+    from distmnist.training import main
 
     try:
         return main(["--data-dir", str(data), "--no-download", "--output-dir", str(out), "--progress", "none",
