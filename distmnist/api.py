@@ -9,17 +9,20 @@
     distmnist.load_run("runs/py")  # what a run wrote: under notebook_launcher, the way back to the caller
 
 Each function is a thin layer over its command's own code: train() validates its options with
-config.py (the command line's checks and messages) and runs train.run_training; evaluate() is
-evaluate.evaluate_checkpoint; predict() uses predict.py's model loading and classification.
+config.py (the command line's checks and messages) and runs training.run_training; evaluate() is
+evaluation.evaluate_checkpoint; predict() uses prediction.py's model loading and classification.
 Errors are DistmnistError (bad input), RunFailed (the run broke) and RunStopped (a signal, e.g.
 interrupting the kernel: the position is saved); nothing calls sys.exit.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import multiprocessing
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,15 +32,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import _coerce, config_from
+from . import stdio
+from .args import did_you_mean
+from .config import _coerce, request_from
 from .digits import MAX_PIXELS, MNIST_SIZE, mnist_digit, quiet_pillow_bomb_warning, read_digit
 from .errors import DistmnistError, RunFailed, RunStopped, leave_process_group
-from .evaluate import EvalReport, evaluate_checkpoint
-from .predict import Prediction, load_model
-from .predict import predict as classify
+from .evaluation import EvalReport, evaluate_checkpoint
+from .prediction import Prediction, load_model
+from .prediction import predict as classify
 from .report import Mistake
-from .rundir import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
-from .train import run_training
+from .catalogue import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
+from .training import run_training
 
 __all__ = ["train", "evaluate", "predict", "load_run", "TrainResult", "EpochRecord", "EvalReport", "Prediction",
            "Mistake", "DistmnistError", "RunFailed", "RunStopped"]
@@ -94,6 +99,54 @@ class TrainResult:
         return self.history[-1] if self.history else None
 
 
+def checked(function):
+    """The API's argument check: a wrong call (an unknown keyword, a missing or extra argument) is a
+    DistmnistError naming the function and what it most likely meant, as the command line does."""
+    signature = inspect.signature(function)
+    names = list(signature.parameters)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as err:
+            unknown = [k for k in kwargs if k not in signature.parameters]
+            if unknown and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+                hint = did_you_mean(unknown[0], names)
+                raise DistmnistError(f"distmnist.{function.__name__}(): unknown argument '{unknown[0]}'{hint} (its "
+                                     f"arguments: {', '.join(names)})") from None
+            raise DistmnistError(f"distmnist.{function.__name__}(): {err} (its arguments: {', '.join(names)})") from None
+        return function(*args, **kwargs)
+
+    call.__signature__ = signature  # type: ignore[attr-defined]
+    return call
+
+
+def path_argument(value: Any, name: str, function: str) -> str:
+    """A path given to the API: a non-empty str or os.PathLike, as a str."""
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+        return os.fspath(value)
+    raise DistmnistError(f"distmnist.{function}(): '{name}' must be a path (a str or os.PathLike), got "
+                         f"{type(value).__name__} {value!r}")
+
+
+TRAINING = threading.Lock()  # one train() at a time in a process
+
+
+@contextmanager
+def one_run_at_a_time() -> Iterator[None]:
+    """A second train() while one runs in this process (another thread) is refused: the process group,
+    Accelerate's state, the global RNG and the signal handlers belong to the whole process."""
+    if not TRAINING.acquire(blocking=False):
+        raise DistmnistError("distmnist.train(): another train() is running in this process; a process trains one "
+                             "run at a time (its process group, random state and signal handlers are the "
+                             "process's): start the other run in a process of its own")
+    try:
+        yield
+    finally:
+        TRAINING.release()
+
+
 @contextmanager
 def _session() -> Iterator[None]:
     """One use of the engine. On an error the process group is torn down (as the command's exit path
@@ -104,12 +157,14 @@ def _session() -> Iterator[None]:
 
     fresh = not PartialState._shared_state and not AcceleratorState._shared_state
     fork_safe_threads()
+    restore_streams = stdio.guard()  # a closed stdout (a script piped to head) stops the output, not the run
     try:
         yield
     except BaseException:
         leave_process_group()
         raise
     finally:
+        restore_streams()
         if fresh:
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
@@ -128,6 +183,7 @@ def fork_safe_threads() -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
+@checked
 def train(**options: Any) -> TrainResult:
     """Train as ``python -m distmnist.train`` does, in this process and the others of its launch.
 
@@ -136,22 +192,24 @@ def train(**options: Any) -> TrainResult:
 
     Options are the flags' names in snake_case (``batch_size`` for ``--batch-size``) and ``config``
     (a YAML file, like ``--config``; the other options win over it). They are checked as the command
-    line checks its flags, with the same messages, raised as DistmnistError. The run writes the same
+    line checks its flags, with the same messages, raised as DistmnistError. With ``resume``, the run
+    continues its recorded recipe and only the options passed here override it, as on the command line. The run writes the same
     run folder (``output_dir``, default runs/mnist) and prints the same console (``progress``: auto,
     rich, plain or none). Under several processes (torchrun, accelerate launch, notebook_launcher)
     every process calls this and gets the same result.
     """
-    cfg = config_from(options)
-    with _session():
-        outcome = run_training(cfg)
-    out = Path(cfg.output_dir)
+    request = request_from(options)
+    with one_run_at_a_time(), _session():
+        outcome = run_training(request)
+    out = Path(request.cfg.output_dir)
     return TrainResult(
-        run_id=outcome.run_id, output_dir=out, config=cfg.to_dict(),
+        run_id=outcome.run_id, output_dir=out, config=outcome.config,
         history=[EpochRecord.from_dict(r) for r in outcome.history], weights=out / FINAL,
-        best=out / BEST if cfg.val_size else None, finished=True,
+        best=out / BEST if outcome.config.get("val_size") else None, finished=True,
     )
 
 
+@checked
 def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, mistakes: int = 0,
              test_batch_size: int = 1000, limit_test: int | None = None, no_download: bool = False,
              mixed_precision: str = "no", cpu: bool = False, progress: str = "none") -> EvalReport:
@@ -166,19 +224,21 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike | None =
     prints.
     """
     source = "distmnist.evaluate()"
-    checked = {name: _coerce(name, value, source) for name, value in (
+    checkpoint = path_argument(checkpoint, "checkpoint", "evaluate")
+    data_dir = None if data_dir is None else path_argument(data_dir, "data_dir", "evaluate")
+    options = {name: _coerce(name, value, source) for name, value in (
         ("test_batch_size", test_batch_size), ("limit_test", limit_test), ("no_download", no_download),
         ("mixed_precision", mixed_precision), ("cpu", cpu), ("progress", progress))}
     if isinstance(mistakes, bool) or not isinstance(mistakes, int):
         raise DistmnistError(f"{source}: 'mistakes' must be int, got {mistakes!r}")
     with _session():
-        return evaluate_checkpoint(os.fspath(checkpoint), None if data_dir is None else os.fspath(data_dir),
-                                   mistakes=mistakes, **checked)
+        return evaluate_checkpoint(checkpoint, data_dir, mistakes=mistakes, **options)
 
 
 Images = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
+@checked
 def predict(checkpoint: str | os.PathLike, images: Images | Sequence[Images], *,
             max_pixels: int = MAX_PIXELS) -> list[Prediction]:
     """Classify images as ``python -m distmnist.predict`` does; one Prediction per image, in order.
@@ -191,12 +251,16 @@ def predict(checkpoint: str | os.PathLike, images: Images | Sequence[Images], *,
     digits already (white ink on black) and used as they are. One image or a list of them.
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise DistmnistError(f"--max-pixels must be >= 1, got {max_pixels!r}")
+        raise DistmnistError(f"distmnist.predict(): 'max_pixels' must be a whole number >= 1, got {max_pixels!r}")
+    checkpoint = path_argument(checkpoint, "checkpoint", "predict")
     quiet_pillow_bomb_warning()
     fork_safe_threads()
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
         images = [images]
-    model = load_model(os.fspath(checkpoint))
+    elif not isinstance(images, (list, tuple)):
+        raise DistmnistError(f"distmnist.predict(): 'images' must be an image (a file name, a PIL image, a uint8 "
+                             f"array of 28 x 28 digits) or a list of them, got {type(images).__name__} {images!r}")
+    model = load_model(checkpoint)
     digits, names = [], []
     for i, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):
@@ -227,6 +291,7 @@ def as_digits(array: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     return tensor.reshape(-1, MNIST_SIZE, MNIST_SIZE)
 
 
+@checked
 def load_run(output_dir: str | os.PathLike) -> TrainResult:
     """Read what a run wrote into its folder (config.json, metrics.jsonl, model.safetensors): the
     TrainResult its train() returned, also for a run of the command line or one still training.
@@ -234,9 +299,11 @@ def load_run(output_dir: str | os.PathLike) -> TrainResult:
         notebook_launcher(work, num_processes=2)   # work() calls distmnist.train(output_dir="runs/two")
         distmnist.load_run("runs/two").history
     """
-    path = Path(output_dir)
+    path = Path(path_argument(output_dir, "output_dir", "load_run"))
+    if path.exists() and not path.is_dir():
+        raise DistmnistError(f"distmnist.load_run(): {path} is a file, not a run folder: give the run's --output-dir")
     if not path.is_dir():
-        raise DistmnistError(f"{path}: no such folder")
+        raise DistmnistError(f"distmnist.load_run(): no such folder: {path}")
     config = read_config(path)
     if config is None or not isinstance(config.get("run_id"), str):
         raise DistmnistError(f"{path}: no readable {CONFIG} with a run id; is it a distmnist run's --output-dir?")

@@ -1,7 +1,8 @@
 """Splits -> sharded, shuffled batches on the device, and the held-out validation split.
 
-Training batches follow a ``DistributedSampler`` (shuffled, seeded, ``set_epoch`` every epoch), so
-each rank sees a disjoint shard. Two paths give identical batches: ``loader`` (a DataLoader over the
+Training batches follow a TrainOrder: per-process batches from a ``DistributedSampler`` (shuffled,
+seeded, ``set_epoch`` every epoch), or a global batch shared out the same way whatever the world
+size; either way each rank sees a disjoint shard. Two paths give identical batches: ``loader`` (a DataLoader over the
 host tensors) and ``resident`` (the whole split moved to the device once, batches gathered there by
 index). Evaluation shards are ``rank::world`` slices without padding, so every test image is counted
 exactly once.
@@ -9,6 +10,7 @@ exactly once.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Iterator
 
@@ -30,37 +32,92 @@ def split_validation(train: Split, n: int, seed: int) -> tuple[Split, Split]:
     return Split(train.images[~held], train.labels[~held]), Split(train.images[held], train.labels[held])
 
 
-def train_sampler(n: int, world_size: int, rank: int, seed: int) -> DistributedSampler:
-    """The shard of each rank: shuffled by (seed, epoch), padded so every rank takes the same steps."""
-    return DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+class TrainOrder:
+    """Which training images each rank takes at each step of an epoch (``set_epoch`` first).
+
+    Per-process batches (the default, --batch-size B): a ``DistributedSampler`` (shuffled by seed and
+    epoch, padded so that every rank takes the same steps), each rank taking B of its own shard per
+    step: the global batch is B x world size, and the order depends on the world size.
+
+    A global batch (--global-batch-size G): the epoch's permutation (the same one the sampler draws) is
+    cut into steps of G images, the last one shorter, and rank r of N takes positions r, r + N, ... of
+    each step (G / N images; in a short last step, as many as fall to it). The images of every step,
+    and their positions, are then the same for any N: the same run on any number of processes.
+    """
+
+    def __init__(self, n: int, world: int, rank: int, seed: int, batch_size: int, global_batch: int | None = None,
+                 data_key: bytes = b""):
+        self.n, self.world, self.rank, self.seed = n, world, rank, seed
+        self.global_batch = global_batch
+        self.batch_size = global_batch // world if global_batch else batch_size  # images per rank per full step
+        self.data_key = data_key  # identifies the training images themselves (their digest, the split)
+        self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Optimizer steps per epoch."""
+        if self.global_batch:
+            return math.ceil(self.n / self.global_batch)
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def permutation(self) -> torch.Tensor:
+        """The epoch's shuffle of 0..n-1: DistributedSampler's own (seed + epoch)."""
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+
+    def steps(self, start_step: int = 0) -> list[torch.Tensor]:
+        """This rank's image indices for each step of the epoch from ``start_step`` on."""
+        if not self.global_batch:
+            return list(torch.tensor(list(self.sampler), dtype=torch.long).split(self.batch_size))[start_step:]
+        perm, g = self.permutation(), self.global_batch
+        return [perm[k * g : min((k + 1) * g, self.n)][self.rank :: self.world] for k in range(start_step, len(self))]
+
+    def step_images(self, step: int) -> int | None:
+        """Images in the global batch of ``step`` (a global batch only; None for per-process batches)."""
+        if not self.global_batch:
+            return None
+        return min(self.global_batch, self.n - step * self.global_batch)
+
+    def digest(self) -> str:
+        """SHA-256 of the epoch's order over every rank: the images, how they are cut into steps and shared
+        out, and the permutation. Equal digests mean identical batches, step for step."""
+        layout = (f"global {self.global_batch}" if self.global_batch
+                  else f"per-process {self.batch_size} x {self.world}")
+        h = hashlib.sha256(self.data_key)
+        h.update(f"{layout}; n {self.n}; epoch {self.epoch}; ".encode())
+        h.update(self.permutation().numpy().tobytes())
+        return h.hexdigest()
+
+    def describe(self) -> str:
+        """For the plan: the batch and how it relates to the world size."""
+        if self.global_batch:
+            return (f"global batch {self.global_batch} ({self.batch_size} per process), the same run on any number "
+                    "of processes")
+        return f"{self.batch_size} per process, {self.batch_size * self.world} global"
 
 
 class LoaderBatches:
     """Training batches through a DataLoader over host tensors (uint8 images, int64 labels)."""
 
-    def __init__(self, split: Split, sampler: DistributedSampler, batch_size: int, device: torch.device):
-        pin = device.type == "cuda"
-        # its own generator: iterating must not draw from the global RNG that dropout uses, so both
-        # paths train bit-identically
-        self.loader = DataLoader(
-            TensorDataset(split.images, split.labels), batch_size=batch_size, sampler=sampler, pin_memory=pin,
-            generator=torch.Generator(),
-        )
-        self.sampler, self.device = sampler, device
+    def __init__(self, split: Split, order: TrainOrder, device: torch.device):
+        self.dataset = TensorDataset(split.images, split.labels)
+        self.order, self.device = order, device
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.order)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
 
     def epoch(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This epoch's batches from step ``start_step`` on (the sampler's order, set_epoch already called)."""
-        loader = self.loader
-        if start_step:  # the same batches as an uninterrupted epoch, minus the first start_step
-            rest = list(self.sampler)[start_step * self.loader.batch_size :]
-            loader = DataLoader(self.loader.dataset, batch_size=self.loader.batch_size, sampler=rest,
-                                pin_memory=self.loader.pin_memory)
+        """This epoch's batches from step ``start_step`` on (set_epoch already called)."""
+        # its own generator: iterating must not draw from the global RNG that dropout uses, so both
+        # paths train bit-identically, resumed or not
+        loader = DataLoader(self.dataset, batch_sampler=[s.tolist() for s in self.order.steps(start_step)],
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator())
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
@@ -68,27 +125,29 @@ class LoaderBatches:
 class ResidentBatches:
     """Training batches gathered on the device from a resident copy of the split (moved there once)."""
 
-    def __init__(self, split: Split, sampler: DistributedSampler, batch_size: int, device: torch.device):
+    def __init__(self, split: Split, order: TrainOrder, device: torch.device):
         self.split = split.to(device)
-        self.sampler, self.batch_size, self.device = sampler, batch_size, device
+        self.order, self.device = order, device
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        return len(self.order)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
 
     def epoch(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This epoch's batches from step ``start_step`` on (the sampler's order, set_epoch already called)."""
+        """This epoch's batches from step ``start_step`` on (set_epoch already called)."""
+        steps = self.order.steps(start_step)
+        if not steps:
+            return
         # one host->device copy of this epoch's indices, then pure device-side gathers
-        order = torch.tensor(list(self.sampler)[start_step * self.batch_size :], dtype=torch.long)
-        order = order.to(self.device, non_blocking=True)
-        for idx in order.split(self.batch_size):
+        order = torch.cat(steps).to(self.device, non_blocking=True)
+        for idx in order.split([len(s) for s in steps]):
             yield self.split.images.index_select(0, idx), self.split.labels.index_select(0, idx)
 
 
-def train_batches(split: Split, sampler: DistributedSampler, batch_size: int, device: torch.device, resident: bool):
-    return (ResidentBatches if resident else LoaderBatches)(split, sampler, batch_size, device)
+def train_batches(split: Split, order: TrainOrder, device: torch.device, resident: bool):
+    return (ResidentBatches if resident else LoaderBatches)(split, order, device)
 
 
 def eval_shard(n: int, world_size: int, rank: int) -> torch.Tensor:

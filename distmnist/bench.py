@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import optim
 
 from .args import ArgumentParser
-from .batches import eval_batches, train_batches, train_sampler
+from .batches import TrainOrder, eval_batches, train_batches
 from .config import MAX_SEED
 from .data import FILES, find_file, load_mnist, missing_files
 from .distributed import make_accelerator
@@ -123,8 +123,8 @@ def fast(name: str, accelerator, data_dir: Path, epochs: int, seed: int, graphs:
     model = tune_for_device(model, device)
     optimizer = make_sgd(model, 0.01, 0.9, device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    sampler = train_sampler(len(train), 1, 0, seed)
-    batches = train_batches(train, sampler, 100, device, resident=True)
+    sampler = TrainOrder(len(train), 1, 0, seed, batch_size=100)
+    batches = train_batches(train, sampler, device, resident=True)
     engine = Engine(accelerator, model, optimizer, cuda_graphs=graphs)
     synchronize(device)
     setup = time.perf_counter() - start
@@ -185,8 +185,8 @@ def stop_check_cost(data_dir: Path, cpu: bool, seed: int, epochs: int = 2, calls
     torch.manual_seed(seed)
     model = tune_for_device(Net(), device)
     model, optimizer = accelerator.prepare(model, make_sgd(model, 0.01, 0.9, device))
-    sampler = train_sampler(len(train), world, rank, seed)
-    batches = train_batches(train, sampler, 100, device, resident=True)
+    sampler = TrainOrder(len(train), world, rank, seed, batch_size=100)
+    batches = train_batches(train, sampler, device, resident=True)
     engine = Engine(accelerator, model, optimizer)
     stop = StopRequests(accelerator)  # not installed: no signal is needed to time the agreement
     sampler.set_epoch(0)

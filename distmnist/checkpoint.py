@@ -1,20 +1,23 @@
 """One checkpoint folder: safetensors for tensors, JSON for the rest, a SHA-256 manifest; written
-crash-safely, loaded only after verification. Where checkpoint folders live, how they are named,
-ordered and pruned is the run folder's business (rundir.py).
+crash-safely, loaded only after verification. What the JSON part means is state.py's business (the
+only module that knows its keys); where checkpoint folders live, how they are named, ordered and
+pruned is the run folder's (catalogue.py, rundir.py).
 
 A checkpoint folder holds::
 
     model.safetensors      weights, keys as in distmnist.model.Net (conv1.weight ... fc2.bias)
     optimizer.safetensors  optimizer state tensors, "state.<param index>.<name>"
-    rng.safetensors        RNG state of every rank: "cpu" (world, n) and "cuda" (world, m) uint8
+    rng.safetensors        RNG states: "cpu" (world, n) and "cuda" (world, m) uint8, one row per rank; with
+                           a global batch also "dropout" (k,), the dropout masks' generator
     progress.safetensors   mid-epoch checkpoints only: every rank's running loss sum and image count
-    state.json             run id, epoch, step, mid-epoch position, world size, config, metrics so far
+    state.json             a state.TrainState: run id, position, data order, progress, config, ...
     manifest.json          every file above with its size in bytes and SHA-256
 
 It is written to a temporary folder, flushed to disk and renamed into place, so a crash during a
 save never leaves a half-written checkpoint under a final name. Loading verifies the manifest
 first (plain file names only, no symlinks, nothing unlisted); nothing is ever unpickled, and
-weights that are not finite are refused.
+weights that are not finite, or values that cannot be (negative counts, a step that disagrees
+with the position), are refused.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +39,15 @@ from safetensors.torch import load_file, save
 from .errors import DistmnistError, RunFailed
 from .files import fsync_path, json_text, write_bytes
 from .model import Net
+from .state import FORMAT, TrainState
 
-FORMAT = "distmnist-checkpoint/1"
 MANIFEST = "manifest.json"
 STATE = "state.json"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 PROGRESS = "progress.safetensors"  # mid-epoch checkpoints only
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER_BYTES = 1 << 20  # a safetensors header this small model could never need
-METRIC_FIELDS = ("epoch", "step", "train_loss", "train_samples", "train_seconds", "test_loss", "test_accuracy",
-                 "test_correct", "test_samples", "world_size")  # what a resumed run reads back from each record
+MAX_STATE_BYTES = 64 << 20  # state.json: the metrics of 10^5 epochs fit; a bigger one is not a checkpoint
 
 
 @dataclass
@@ -56,32 +58,21 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
-    state: dict[str, Any]
+    state: TrainState
     progress: dict[str, torch.Tensor] | None = None  # mid-epoch: "loss_sum" (world,) and "samples" (world,)
 
     @property
     def epoch(self) -> int:
         """The epoch this checkpoint ends (an epoch checkpoint) or is in the middle of (a mid-epoch one)."""
-        return int(self.state["epoch"])
+        return self.state.epoch
 
     @property
-    def run_id(self) -> str | None:
-        return self.state.get("run_id")
-
-    @property
-    def mid_epoch(self) -> dict[str, Any] | None:
-        """{"step": steps done in the epoch, "steps": steps per epoch, ...} or None at an epoch's end."""
-        return self.state.get("mid_epoch")
+    def run_id(self) -> str:
+        return self.state.run_id
 
     @property
     def epochs_done(self) -> int:
-        return self.epoch - 1 if self.mid_epoch else self.epoch
-
-
-def position(state: dict[str, Any]) -> tuple[int, int, int]:
-    """Sort key of a checkpoint within its run: (epoch, 0 mid-epoch / 1 epoch end, step in the epoch)."""
-    mid = state.get("mid_epoch")
-    return (int(state["epoch"]), 0, int(mid["step"])) if mid else (int(state["epoch"]), 1, 0)
+        return self.state.epochs_done
 
 
 # ---------------------------------------------------------------- checks
@@ -154,72 +145,63 @@ def check_optimizer(tensors: dict[str, torch.Tensor], source: Path) -> None:
         raise DistmnistError(f"{source}: optimizer state is not finite (in {', '.join(bad)})")
 
 
-def check_rng(rng: dict[str, torch.Tensor], source: Path) -> None:
-    """One row of RNG state per rank: "cpu" (world, n) uint8 as torch.get_rng_state() gives, "cuda" optional."""
-    cpu = rng.get("cpu")
+def check_rng(rng: dict[str, torch.Tensor], state: TrainState, source: Path) -> None:
+    """One row of RNG state per rank that wrote it: "cpu" (world, n) uint8 as torch.get_rng_state() gives,
+    "cuda" (world, m) where state.random says so; "dropout" (k,) uint8 where it says so."""
+    world = state.data.world_size
     n = torch.get_rng_state().numel()
-    if cpu is None or cpu.dtype != torch.uint8 or cpu.dim() != 2 or cpu.shape[0] < 1 or cpu.shape[1] != n:
+    cpu = rng.get("cpu")
+    if cpu is None or cpu.dtype != torch.uint8 or tuple(cpu.shape) != (world, n):
         got = "nothing" if cpu is None else f"{cpu.dtype} {tuple(cpu.shape)}"
-        raise DistmnistError(f"{source}: tensor cpu is {got}, expected torch.uint8 (world size, {n})")
-    for key, t in rng.items():
-        if key not in ("cpu", "cuda"):
-            raise DistmnistError(f"{source}: unexpected tensor {key} (expected cpu and cuda RNG states)")
-        if t.dtype != torch.uint8 or t.dim() != 2 or t.shape[0] != cpu.shape[0]:
-            raise DistmnistError(f"{source}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected torch.uint8 "
-                                 f"({cpu.shape[0]}, n)")
+        raise DistmnistError(f"{source}: tensor cpu is {got}, expected torch.uint8 ({world}, {n}) for the {world} "
+                             "process(es) the state names")
+    expected = {"cpu", *(["cuda"] if state.random.device == "cuda" else []), *(["dropout"] if state.random.dropout
+                                                                                else [])}
+    if set(rng) != expected:
+        raise DistmnistError(f"{source}: holds {', '.join(sorted(rng))}, expected {', '.join(sorted(expected))}")
+    cuda, dropout = rng.get("cuda"), rng.get("dropout")
+    if cuda is not None and (cuda.dtype != torch.uint8 or cuda.dim() != 2 or cuda.shape[0] != world):
+        raise DistmnistError(f"{source}: tensor cuda is {cuda.dtype} {tuple(cuda.shape)}, expected torch.uint8 "
+                             f"({world}, m)")
+    if dropout is not None and (dropout.dtype != torch.uint8 or dropout.dim() != 1 or not dropout.numel()):
+        raise DistmnistError(f"{source}: tensor dropout is {dropout.dtype} {tuple(dropout.shape)}, expected a "
+                             "generator state (torch.uint8, 1 dimension)")
 
 
-def check_progress(progress: dict[str, torch.Tensor], world: int, source: Path) -> None:
-    """Mid-epoch running sums: "loss_sum" float (world,) finite, "samples" int64 (world,) >= 0."""
+def check_progress(progress: dict[str, torch.Tensor], state: TrainState, source: Path) -> None:
+    """Mid-epoch running sums, one per rank: "loss_sum" finite and >= 0; "samples" exactly the images each
+    rank took in the steps done (every step before the last is full)."""
+    world, mid = state.data.world_size, state.mid_epoch
     loss, samples = progress.get("loss_sum"), progress.get("samples")
-    if set(progress) != {"loss_sum", "samples"} or loss is None or samples is None:
+    if set(progress) != {"loss_sum", "samples"} or loss is None or samples is None or mid is None:
         raise DistmnistError(f"{source}: expected exactly the tensors loss_sum and samples, got {sorted(progress)}")
-    if not loss.is_floating_point() or tuple(loss.shape) != (world,) or not bool(torch.isfinite(loss).all()):
-        raise DistmnistError(f"{source}: loss_sum must be {world} finite floats, got {loss.dtype} {tuple(loss.shape)}")
-    if samples.dtype != torch.int64 or tuple(samples.shape) != (world,) or bool((samples < 0).any()):
-        raise DistmnistError(f"{source}: samples must be {world} counts (int64), got {samples.dtype} "
-                             f"{tuple(samples.shape)}")
+    if not loss.is_floating_point() or tuple(loss.shape) != (world,):
+        raise DistmnistError(f"{source}: loss_sum must be {world} floats (one per rank), got {loss.dtype} "
+                             f"{tuple(loss.shape)}")
+    if not bool(torch.isfinite(loss).all()) or bool((loss < 0).any()):
+        raise DistmnistError(f"{source}: loss_sum must be finite and >= 0 (a sum of losses), got {loss.tolist()}")
+    if samples.dtype != torch.int64 or tuple(samples.shape) != (world,):
+        raise DistmnistError(f"{source}: samples must be {world} image counts (int64, one per rank), got "
+                             f"{samples.dtype} {tuple(samples.shape)}")
+    taken = mid.step * state.data.batch_size
+    if samples.tolist() != [taken] * world:
+        raise DistmnistError(f"{source}: samples {samples.tolist()} disagree with the position: {mid.step} step(s) of "
+                             f"{state.data.batch_size} image(s) are {taken} per rank")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def check_optimizer_step(tensors: dict[str, torch.Tensor], state: TrainState, source: Path) -> None:
+    """SGD with momentum has a momentum buffer per parameter from its first step on, and none before."""
+    momentum = any(float(g.get("momentum", 0) or 0) > 0 for g in state.optimizer_param_groups)
+    if momentum and state.step > 0 and len(tensors) != len(net_spec()[1]):
+        raise DistmnistError(f"{source}: {len(tensors)} momentum buffer(s) after {state.step:,} steps with momentum; "
+                             f"SGD has one per parameter ({len(net_spec()[1])}) from its first step on")
+    if state.step == 0 and tensors:
+        raise DistmnistError(f"{source}: optimizer state at step 0, before any step could make it")
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_state(state: Any, source: Path) -> None:
-    """state.json must hold what resuming reads (epoch, step, position, metrics, param groups), well typed."""
-    if not isinstance(state, dict):
-        raise DistmnistError(f"{source}: expected a JSON object")
-    if not (_is_int(state.get("epoch")) and state["epoch"] >= 1 and _is_int(state.get("step")) and state["step"] >= 0):
-        raise DistmnistError(f"{source}: 'epoch' (>= 1) and 'step' (>= 0) must be integers")
-    if "run_id" in state and not (isinstance(state["run_id"], str) and state["run_id"]):
-        raise DistmnistError(f"{source}: 'run_id' must be a non-empty string")
-    mid = state.get("mid_epoch")
-    if mid is not None:
-        fields = ("step", "steps", "batch_size", "world_size")
-        if not isinstance(mid, dict) or not all(_is_int(mid.get(k)) and mid[k] >= 0 for k in fields) \
-                or not 0 <= mid["step"] < mid["steps"] or not _is_number(mid.get("train_seconds", 0.0)):
-            raise DistmnistError(f"{source}: 'mid_epoch' must hold integers {', '.join(fields)} with 0 <= step < steps")
-    best = state.get("best")
-    if best is not None and not (isinstance(best, dict) and _is_int(best.get("epoch")) and
-                                 _is_number(best.get("val_accuracy")) and _is_number(best.get("val_loss"))):
-        raise DistmnistError(f"{source}: 'best' must hold the best epoch's epoch, val_accuracy and val_loss")
-    metrics = state.get("metrics")
-    if not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics):
-        raise DistmnistError(f"{source}: 'metrics' must be a list of epoch records")
-    for i, record in enumerate(metrics):
-        missing = [k for k in METRIC_FIELDS if not _is_number(record.get(k))]
-        if missing:
-            raise DistmnistError(f"{source}: metrics record {i + 1} lacks {', '.join(missing)} (or they are not finite "
-                                 "numbers)")
-    groups = state.get("optimizer_param_groups")
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
-        raise DistmnistError(f"{source}: 'optimizer_param_groups' must be a list of groups with 'params'")
-    indices = [i for g in groups for i in g["params"]]
-    if not all(_is_int(i) for i in indices) or sorted(indices) != list(range(len(net_spec()[1]))):
+def check_param_groups(state: TrainState, source: Path) -> None:
+    indices = [i for g in state.optimizer_param_groups for i in g["params"]]
+    if not all(isinstance(i, int) for i in indices) or sorted(indices) != list(range(len(net_spec()[1]))):
         raise DistmnistError(f"{source}: 'optimizer_param_groups' do not cover Net's parameters exactly once")
 
 
@@ -285,13 +267,14 @@ def write_checkpoint(
     model: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     rng: dict[str, torch.Tensor],
-    state: dict[str, Any],
+    state: TrainState,
     progress: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint folder crash-safely: temp folder, fsync, manifest last, atomic rename.
 
-    A failed write (disk full, read-only) removes the temp folder and raises a one-line error; the
-    folder's previous checkpoints are untouched. Non-finite weights are never written.
+    ``optimizer`` is the optimizer's state_dict (its param groups go into ``state``). A failed write
+    (disk full, read-only) removes the temp folder and raises a one-line error; the folder's previous
+    checkpoints are untouched. Non-finite weights are never written.
     """
     model = host_tensors(model)
     bad = nonfinite(model)
@@ -299,12 +282,13 @@ def write_checkpoint(
         raise RunFailed(f"refusing to write {final}: weights are not finite ({', '.join(bad)})")
     tmp = final.parent / f".tmp-{final.name}"
     opt_tensors, param_groups = flatten_optimizer(optimizer)
+    state.optimizer_param_groups = param_groups
     contents = {
         "model.safetensors": save(model),
         "optimizer.safetensors": save(opt_tensors),
         "rng.safetensors": save(host_tensors(rng)),
         **({PROGRESS: save(host_tensors(progress))} if progress is not None else {}),
-        STATE: json_text({**state, "format": FORMAT, "optimizer_param_groups": param_groups}).encode(),
+        STATE: json_text(state.to_json()).encode(),
     }
     try:
         for stale in final.parent.glob(".tmp-*"):  # left by a save that crashed; never loaded, now removed
@@ -344,6 +328,8 @@ def verify(path: Path) -> dict[str, Any]:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DistmnistError(f"{manifest_path}: missing or unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, "distmnist-checkpoint/1"):
+        raise DistmnistError(f"{manifest_path}: not a distmnist checkpoint manifest")
     if not isinstance(files, dict) or not all(
         isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str) for m in files.values()
     ):
@@ -377,19 +363,19 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_state(path: Path) -> dict[str, Any]:
+def read_state(path: Path) -> TrainState:
     """state.json of a checkpoint folder, parsed and checked but not verified against the manifest
     (enough to order a run's checkpoints; loading verifies everything)."""
     file = path / STATE
     try:
-        state = json.loads(file.read_text())
+        if not stat.S_ISREG(os.stat(file, follow_symlinks=False).st_mode):
+            raise DistmnistError(f"{file}: not a regular file")
+        if file.stat().st_size > MAX_STATE_BYTES:
+            raise DistmnistError(f"{file}: {file.stat().st_size:,} bytes, more than any checkpoint's state")
+        raw = json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise DistmnistError(f"{file}: missing or not valid JSON ({err})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise DistmnistError(f"{file}: unknown checkpoint format {found!r}, expected {FORMAT}")
-    check_state(state, file)
-    return state
+    return TrainState.from_json(raw, file)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -397,7 +383,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     manifest = verify(path)
     state = read_state(path)
-    mid = state.get("mid_epoch")
+    mid = state.mid_epoch
     if (PROGRESS in manifest["files"]) != (mid is not None):
         raise DistmnistError(f"{path / MANIFEST}: {PROGRESS} must be listed exactly when state.json has 'mid_epoch'")
     ckpt = Checkpoint(
@@ -408,11 +394,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state=state,
         progress=read_tensors(path / PROGRESS) if mid is not None else None,
     )
+    if "cuda" in ckpt.rng and state.random.device == "cpu":  # format 1 did not say: its tensors do
+        state.random.device = "cuda"
     check_weights(ckpt.model, path / "model.safetensors")
     check_optimizer(ckpt.optimizer, path / "optimizer.safetensors")
-    check_rng(ckpt.rng, path / "rng.safetensors")
+    check_param_groups(state, path / STATE)
+    check_optimizer_step(ckpt.optimizer, state, path / "optimizer.safetensors")
+    check_rng(ckpt.rng, state, path / "rng.safetensors")
     if ckpt.progress is not None:
-        check_progress(ckpt.progress, ckpt.rng["cpu"].shape[0], path / PROGRESS)
+        check_progress(ckpt.progress, state, path / PROGRESS)
     return ckpt
 
 

@@ -28,6 +28,10 @@ COMMANDS = {
 }
 
 
+MODULES = {"train": "distmnist.training", "evaluate": "distmnist.evaluation", "predict": "distmnist.prediction",
+           "serve": "distmnist.serve.command"}  # where a command's code lives (the others: distmnist.COMMAND)
+
+
 def usage() -> str:
     lines = ["usage: distmnist {" + ",".join(COMMANDS) + "} [flags]", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distmnist: error: unknown command {argv[0]!r}{hint} (commands: {', '.join(COMMANDS)})",
               file=sys.stderr)
         return 2
-    module = importlib.import_module(f"distmnist.{argv[0]}")
+    module = importlib.import_module(MODULES.get(argv[0], f"distmnist.{argv[0]}"))
     return module.main(argv[1:], own_process=own_process)
 
 

@@ -22,6 +22,10 @@ from .files import check_file
 
 MAX_SEED = 2**32 - 1  # torch takes 64-bit seeds, but seed + rank and seed + epoch must not overflow
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_EPOCHS = 1_000_000  # nothing set up grows with the run's length; the bound keeps step counts far from int64
+MAX_BATCH = 1_000_000  # images per step: more than MNIST holds, far below int64 and memory overflows
+MAX_LIMIT = 10**9  # --limit-train / --limit-test / --val-size: more images than any IDX file can hold
+PATH_FIELDS = ("data_dir", "output_dir", "resume")  # a number here is a mistake, not a folder name
 MAX_CONFIG_BYTES = 1 << 20  # a config of a dozen options: anything bigger is not one
 MAX_YAML_ALIASES = 20  # enough for any sane config, too few for an exponential "billion laughs"
 
@@ -48,7 +52,11 @@ class TrainConfig:
                           choices=("auto", "resident", "loader"))
     # recipe (the tutorial's)
     epochs: int = _opt(10, "number of passes over the training set")
-    batch_size: int = _opt(100, "training images per process per step (global batch = this x world size)")
+    batch_size: int = _opt(100, "training images per process per step (global batch = this x world size); "
+                           "ignored with --global-batch-size")
+    global_batch_size: int | None = _opt(None, "training images per step over all processes together (G / world "
+                                         "size per process): the same batches, dropout masks and weights on any "
+                                         "number of processes; unset = --batch-size per process", metavar="G")
     test_batch_size: int = _opt(1000, "test images per process per evaluation batch")
     lr: float = _opt(0.01, "SGD learning rate (finite, > 0)")
     momentum: float = _opt(0.9, "SGD momentum")
@@ -79,7 +87,13 @@ class TrainConfig:
                            "first (without it such a folder is refused)")
     keep_checkpoints: int = _opt(0, "keep only the newest K checkpoints, pruned after a new one is complete "
                                  "(0 = keep all)", metavar="K")
-    dist_timeout: float = _opt(600.0, "seconds a collective may wait for another rank before the job fails "
+    checkpoint_every: str | None = _opt(None, "also checkpoint in the middle of epochs: every N optimizer steps "
+                                        "(e.g. 500) or every M minutes (e.g. 10m), so that a lost process costs "
+                                        "that much at most; unset = at epoch ends only", metavar="{N,Mm}")
+    setup_timeout: float = _opt(1800.0, "seconds set-up may take (process group, data, checkpoint, model) before "
+                                "the process exits 1; a stuck rendezvous or rank ends instead of hanging",
+                                metavar="SECONDS")
+    dist_timeout: float = _opt(600.0, "seconds a collective may wait for another rank once training runs "
                                "(a hung or lost rank ends the run instead of blocking it)", metavar="SECONDS")
     log_with: str | None = _opt(None, "also log metrics to an Accelerate tracker (tensorboard, wandb, mlflow, ...); "
                                 "the package must be installed", metavar="TRACKER")
@@ -98,14 +112,16 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 def _check(cfg: TrainConfig) -> None:
     """Reject impossible values at start-up, naming the flag."""
-    positive = ["epochs", "batch_size", "test_batch_size"]
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise DistmnistError(f"--{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("limit_train", "limit_test"):
+    bounded = {"epochs": MAX_EPOCHS, "batch_size": MAX_BATCH, "test_batch_size": MAX_BATCH,
+               "global_batch_size": MAX_BATCH, "limit_train": MAX_LIMIT, "limit_test": MAX_LIMIT}
+    for name, most in bounded.items():
         value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise DistmnistError(f"--{_flag(name)} must be >= 1, got {value}")
+        if value is not None and not 1 <= value <= most:
+            raise DistmnistError(f"--{_flag(name)} must be between 1 and {most:,}, got {value}")
+    checkpoint_interval(cfg.checkpoint_every)
+    if not 0 < cfg.setup_timeout <= MAX_DIST_TIMEOUT_S:
+        raise DistmnistError(f"--setup-timeout must be > 0 and at most {MAX_DIST_TIMEOUT_S:g} seconds (7 days), "
+                             f"got {cfg.setup_timeout}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise DistmnistError(f"--lr must be a finite number > 0, got {cfg.lr}")
     if not 0 <= cfg.momentum < 1:
@@ -118,8 +134,9 @@ def _check(cfg: TrainConfig) -> None:
     if not 0 <= cfg.seed <= MAX_SEED:
         raise DistmnistError(f"--seed must be between 0 and {MAX_SEED}, got {cfg.seed}")
     for name in ("warmup_steps", "lr_step_size", "log_every"):
-        if getattr(cfg, name) < 0:
-            raise DistmnistError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+        if not 0 <= getattr(cfg, name) <= MAX_EPOCHS * MAX_LIMIT:
+            raise DistmnistError(f"--{_flag(name)} must be between 0 and {MAX_EPOCHS * MAX_LIMIT:,}, got "
+                                 f"{getattr(cfg, name)}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise DistmnistError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
     if cfg.nesterov and cfg.momentum == 0:
@@ -130,9 +147,9 @@ def _check(cfg: TrainConfig) -> None:
         raise DistmnistError(f"--min-lr must be in [0, --lr), got {cfg.min_lr}")
     if not (math.isfinite(cfg.log_interval) and cfg.log_interval > 0):
         raise DistmnistError(f"--log-interval must be a finite number > 0, got {cfg.log_interval}")
-    for name in ("val_size", "early_stop"):
-        if getattr(cfg, name) < 0:
-            raise DistmnistError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name, most in (("val_size", MAX_LIMIT), ("early_stop", MAX_EPOCHS)):
+        if not 0 <= getattr(cfg, name) <= most:
+            raise DistmnistError(f"--{_flag(name)} must be between 0 and {most:,}, got {getattr(cfg, name)}")
     if cfg.early_stop and not cfg.val_size:
         raise DistmnistError("--early-stop needs a validation set to watch: add --val-size N (e.g. 5000)")
     if cfg.log_every and cfg.log_with is None:
@@ -141,6 +158,37 @@ def _check(cfg: TrainConfig) -> None:
         choices = f.metadata["choices"]
         if choices and getattr(cfg, name) not in choices:
             raise DistmnistError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """--checkpoint-every: a number of optimizer steps, or of seconds (given in minutes)."""
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    def describe(self) -> str:
+        if self.steps:
+            return f"every {self.steps:,} steps"
+        return f"every {self.seconds / 60:g} minutes"
+
+
+def checkpoint_interval(text: str | None) -> Interval | None:
+    """'500' = every 500 optimizer steps, '10m' = every 10 minutes (a float: '0.5m'); None = not set."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    try:
+        if value.endswith(("m", "min")):
+            minutes = float(value.removesuffix("min").removesuffix("m"))
+            if math.isfinite(minutes) and 0 < minutes <= MAX_DIST_TIMEOUT_S / 60:
+                return Interval(seconds=minutes * 60)
+        elif value.isdigit() and 1 <= int(value) <= MAX_EPOCHS * MAX_LIMIT:
+            return Interval(steps=int(value))
+    except ValueError:
+        pass
+    raise DistmnistError(f"--checkpoint-every must be a number of optimizer steps (e.g. 500) or of minutes (e.g. "
+                         f"10m), at least 1 step or a minute above 0, got {text!r}")
 
 
 def _flag(name: str) -> str:
@@ -167,7 +215,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif kind.startswith("str"):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):
+            return value
+        if name in PATH_FIELDS:
+            raise DistmnistError(f"{source}: '{name}' must be a path (a string), got {type(value).__name__} {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # checkpoint_every: 500
             return str(value)
     raise DistmnistError(f"{source}: '{name}' must be {kind.split(' |')[0]}, got {value!r}")
 
@@ -256,8 +308,45 @@ def build_parser(prog: str = "distmnist train") -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Sequence[str] | None = None, prog: str = "distmnist train") -> TrainConfig:
-    """Defaults, then the YAML file of --config, then the command line; validated."""
+# How and where this launch runs, not what the run trains: a resumed run never takes them from its record.
+LAUNCH_FIELDS = frozenset({"output_dir", "resume", "overwrite", "cpu", "progress", "log_interval", "dist_timeout",
+                           "setup_timeout"})
+# Where this machine keeps the data: each process keeps its own when its command gives them (the ranks
+# then check that they all read the same images); otherwise it takes the main process's.
+MACHINE_FIELDS = frozenset({"data_dir", "no_download"})
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one command asks for: its config, and the fields it set itself (on the command line or in
+    the --config file it names). A resumed run keeps its recorded recipe; only those fields override it."""
+
+    cfg: TrainConfig
+    explicit: frozenset[str] = frozenset()
+
+    def continuing(self, recorded: Mapping[str, Any], source: str) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+        """The config of a resumed run: the recorded one (``source`` names where it comes from), with this
+        request's explicit fields and launch fields over it; and {field: (recorded, now)} for each explicit
+        field that changes the recorded value."""
+        taken = {}
+        for name, value in recorded.items():
+            if name in FIELDS and name not in LAUNCH_FIELDS and name not in self.explicit:
+                taken[name] = _coerce(name, value, source)
+        cfg = dataclasses.replace(self.cfg, **taken)
+        _check(cfg)
+        changes = {name: (recorded[name], getattr(cfg, name)) for name in FIELDS
+                   if name in self.explicit and name not in LAUNCH_FIELDS and name in recorded
+                   and recorded[name] != getattr(cfg, name)}
+        return cfg, changes
+
+    def on_this_machine(self, cfg: TrainConfig) -> TrainConfig:
+        """The main process's config for this run, with this process's own data location where it gave one."""
+        return dataclasses.replace(cfg, **{name: getattr(self.cfg, name) for name in MACHINE_FIELDS
+                                          if name in self.explicit})
+
+
+def parse_request(argv: Sequence[str] | None = None, prog: str = "distmnist train") -> Request:
+    """Defaults, then the YAML file of --config, then the command line; validated, with what was set."""
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
@@ -266,11 +355,21 @@ def parse_config(argv: Sequence[str] | None = None, prog: str = "distmnist train
     values.update(args)
     cfg = TrainConfig(**values)
     _check(cfg)
-    return cfg
+    return Request(cfg, frozenset(values))
+
+
+def parse_config(argv: Sequence[str] | None = None, prog: str = "distmnist train") -> TrainConfig:
+    """Defaults, then the YAML file of --config, then the command line; validated."""
+    return parse_request(argv, prog).cfg
 
 
 def config_from(options: Mapping[str, Any], source: str = "distmnist.train()") -> TrainConfig:
-    """The Python API's parse_config: defaults, then the YAML file of ``config``, then the other
+    """The Python API's parse_config (see request_from)."""
+    return request_from(options, source).cfg
+
+
+def request_from(options: Mapping[str, Any], source: str = "distmnist.train()") -> Request:
+    """The Python API's parse_request: defaults, then the YAML file of ``config``, then the other
     options (the field names: ``data_dir``, ``epochs`` ...); each value type-checked as a config file's
     are, and the whole validated with the command line's checks and messages."""
     options = dict(options)
@@ -291,4 +390,4 @@ def config_from(options: Mapping[str, Any], source: str = "distmnist.train()") -
         values[name] = _coerce(name, value, source)
     cfg = TrainConfig(**values)
     _check(cfg)
-    return cfg
+    return Request(cfg, frozenset(values))

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
+from .masks import GlobalDropout
 from .model import to_input
 from .schedule import LRSchedule
 from .signals import CHECK_EVERY, StopRequests
@@ -35,6 +36,8 @@ class EpochStats:
     step_losses: list[float] = field(default_factory=list)  # each step's loss this call, mean over ranks (if recorded)
     stop: int = 0  # the agreed stop code (a signal number, signals.DIVERGED) when the epoch ended early
     epoch_step: int = 0  # steps done in the epoch by each rank, resumed ones included
+    resumed_seconds: float = 0.0  # part of `seconds` spent before this launch (a resumed epoch)
+    checkpoint_seconds: float = 0.0  # mid-epoch checkpoints written during the epoch (not in `seconds`)
 
 
 @dataclass
@@ -54,6 +57,16 @@ class EvalStats:
     correct: int
     samples: int  # test images counted, each exactly once across ranks
     log_probs: torch.Tensor | None = None  # this rank's outputs (its shard, in order) if asked for
+
+
+class Checkpoints(Protocol):
+    """--checkpoint-every, as the loop sees it (train.py's MidEpochCheckpoints)."""
+
+    def step_due(self, epoch_step: int) -> bool: ...  # a step count: the same answer on every rank, no collective
+
+    def time_due(self) -> bool: ...  # minutes: the main process's clock, agreed on with the stop requests
+
+    def save(self, epoch_step: int, train_seconds: float) -> None: ...  # every rank calls
 
 
 class StepProgress(Protocol):
@@ -97,10 +110,15 @@ def synchronize(device: torch.device) -> None:
 
 
 class Engine:
-    """Owns the step: receives a prepared model and optimizer from outside."""
+    """Owns the step: receives a prepared model and optimizer from outside.
+
+    ``dropout`` (a global batch, masks.GlobalDropout): every step's masks come from it, and the loss is
+    the sum over this rank's images scaled by world / (images in the global batch), so that DDP's
+    average over ranks is the mean over the global batch however its images are shared out. Without
+    it, the loss is the mean over this rank's batch, as the tutorial's (and DDP averages those)."""
 
     def __init__(self, accelerator, model, optimizer, cuda_graphs: bool = False, schedule: LRSchedule | None = None,
-                 record_step_losses: bool = False):
+                 record_step_losses: bool = False, dropout: GlobalDropout | None = None):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.device = accelerator.device
         self.cuda_graphs = cuda_graphs
@@ -121,18 +139,30 @@ class Engine:
         self.record_step_losses = record_step_losses
         self.step_losses: torch.Tensor | None = None
         self.epoch_step = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.dropout = dropout
+        self.step_images: int | None = None  # a global batch: images in this step's global batch
+        self.checkpoints: Checkpoints | None = None  # set by the caller: --checkpoint-every
 
     # ------------------------------------------------------------ the step
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self._opt.zero_grad(set_to_none=True)
-        loss = F.nll_loss(self.model(to_input(images)), labels)
+        if self.dropout is None:
+            loss = F.nll_loss(self.model(to_input(images)), labels)
+            total = None
+        else:
+            self.accelerator.unwrap_model(self.model).drop2D.mask = self.dropout.rows(self.step_images)
+            total = F.nll_loss(self.model(to_input(images)), labels, reduction="sum")
+            loss = total * (self.accelerator.num_processes / self.step_images)
         self.accelerator.backward(loss)
         if self.schedule is not None:
             self.schedule.advance()  # device ops: this step's lr from the device step counter
         self._opt.step()
         loss = loss.detach()
-        self.loss_sum.add_(loss, alpha=labels.shape[0])  # one kernel, no host sync
+        if total is None:
+            self.loss_sum.add_(loss, alpha=labels.shape[0])  # one kernel, no host sync
+        else:
+            self.loss_sum.add_(total.detach())
         if self.step_losses is not None:
             self.step_losses.index_copy_(0, self.epoch_step, loss.float().reshape(1))
             self.epoch_step.add_(1)
@@ -141,6 +171,8 @@ class Engine:
         """Record one step with static buffers; nothing runs until the first replay."""
         self.static_images, self.static_labels = images.clone(), labels.clone()
         self.graph = torch.cuda.CUDAGraph()
+        if self.dropout is not None:  # each replay advances the mask generator as an eager step would
+            self.graph.register_generator_state(self.dropout.generator)
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated from the graph's pool
         with torch.cuda.graph(self.graph):
             self._step(self.static_images, self.static_labels)
@@ -198,10 +230,13 @@ class Engine:
             self.step_losses.zero_()
             self.epoch_step.fill_(start_step)
         single = self.accelerator.num_processes == 1
-        steps, capture, stop = start_step, 0.0, 0
+        steps, capture, stop, paused = start_step, 0.0, 0, 0.0
+        before = carry.seconds if carry else 0.0  # the epoch's training time in earlier launches
         synchronize(self.device)
         start = time.perf_counter()
+        order = getattr(batches, "order", None)
         for images, labels in batches.epoch(start_step):
+            self.step_images = order.step_images(steps) if order is not None else None
             if self.cuda_graphs:
                 capture += self._graph_step(images, labels)
             else:
@@ -212,20 +247,27 @@ class Engine:
             if progress is not None:
                 progress.update(steps, lambda n=self.samples: self.running_loss(n))
             if self.stop is not None and (single or steps % CHECK_EVERY == 0) and steps < len(batches):
-                stop = self.stop.agreed()  # outside any CUDA graph: between replays
+                due = self.checkpoints is not None and self.checkpoints.time_due()
+                stop, save = self.stop.agreed_with(due)  # outside any CUDA graph: between replays
                 if stop:
                     break
+            else:
+                save = False
+            if self.checkpoints is not None and steps < len(batches) and (save or self.checkpoints.step_due(steps)):
+                saving = time.perf_counter()
+                self.checkpoints.save(steps, saving - start - paused + before)
+                paused += time.perf_counter() - saving  # checkpoint time, not training time
         synchronize(self.device)
-        seconds = time.perf_counter() - start + (carry.seconds if carry else 0.0)
+        seconds = time.perf_counter() - start - paused + before
         parts = [self.loss_sum.double().reshape(1), torch.tensor([float(self.samples)], device=self.device).double()]
         if self.step_losses is not None:
             parts.append(self.step_losses[start_step:steps].double())
         totals = self.accelerator.reduce(torch.cat(parts), reduction="sum").tolist()  # one collective, one read
         global_loss, global_samples = totals[:2]
         world = self.accelerator.num_processes
-        step_losses = [loss / world for loss in totals[2:]]  # every rank's batch has the same size
+        step_losses = [loss / world for loss in totals[2:]]  # each rank's loss weighs 1 / world in the gradient
         return EpochStats(global_loss / max(global_samples, 1), int(global_samples), steps - start_step, seconds,
-                          capture, step_losses, stop, steps)
+                          capture, step_losses, stop, steps, resumed_seconds=before, checkpoint_seconds=paused)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable, keep_outputs: bool = False) -> EvalStats:

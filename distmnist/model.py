@@ -9,6 +9,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Dropout2d(nn.Dropout2d):
+    """nn.Dropout2d that can take its mask from outside: ``mask`` (batch, channels) of 0 and 1 / (1 - p),
+    set before the forward pass, replaces the draw from the global generator (a global batch's masks
+    do not depend on the world size: see masks.py). Without one it is exactly nn.Dropout2d."""
+
+    mask: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.mask is not None:
+            return x * self.mask.view(*self.mask.shape, 1, 1).to(x.dtype)
+        return super().forward(x)
+
+
 class Net(nn.Module):
     """conv(5x5) -> maxpool -> relu, twice; spatial dropout; two linear layers; log-probabilities.
 
@@ -20,7 +33,7 @@ class Net(nn.Module):
         self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
         self.mp = nn.MaxPool2d(2)
-        self.drop2D = nn.Dropout2d(p=0.25)
+        self.drop2D = Dropout2d(p=0.25)
         self.fc1 = nn.Linear(320, 100)
         self.fc2 = nn.Linear(100, 10)
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .args import ArgumentParser
-from .rundir import load_weights
+from .catalogue import load_weights
 from .console import Console, resolve_mode
 from .errors import DistmnistError, cli
 from .files import check_file, check_folder, make_dirs, write_bytes

@@ -1,10 +1,13 @@
 """What a training run writes while it runs: its config and metrics, epoch and mid-epoch checkpoints,
 the best and final weights, run.json.
 
-Every rank calls every method (each one holds collectives: the finiteness and replica checks, the
-RNG gather); only the main process, the one holding the run folder (rundir.RunFolder), writes. A
-write that fails there ends every rank together (distributed.agree), and nothing non-finite or
-drifted apart is ever saved.
+A checkpoint gathers the run's components, each with its own state: the model and optimizer, the
+fp16 GradScaler, the schedule, the data order (TrainOrder), every rank's random generators and the
+global batch's dropout generator, the progress (Progress) and the config history; state.py owns
+the JSON, checkpoint.py the files. Every rank calls every method (each one holds collectives: the
+finiteness and replica checks, the RNG gather); only the main process, the one holding the run
+folder (rundir.RunFolder), writes. A write that fails there ends every rank together
+(distributed.on_main), and nothing non-finite or drifted apart is ever saved.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import torch
 from . import __version__
 from .checkpoint import nonfinite, save_weights, write_checkpoint
 from .config import TrainConfig
-from .distributed import agree, disagreeing_ranks, gather_rng, tensors_digest
-from .errors import DistmnistError, RunFailed
-from .rundir import RunFolder, Start, prune
+from .distributed import disagreeing_ranks, gather_rng, on_main, tensors_digest
+from .errors import RunFailed
+from .rundir import RunFolder, Start, prune, prune_superseded
 from .schedule import saveable_state_dict
+from .state import DataOrder, MidEpoch, RandomInfo, RunProgress, TrainState
 from .timing import seconds_since_process_start
 
 
@@ -43,11 +47,15 @@ class Progress:
     """What the loop advances: the run's history so far and where it stands."""
 
     history: list[dict[str, Any]]
-    step: int  # optimizer steps so far (per rank)
+    step: int  # optimizer steps so far (during an epoch: up to its start)
     newest: str | None  # the newest checkpoint written or resumed from (for messages)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # this launch's seconds: setup, train, checkpoint
     best: dict[str, Any] | None = None  # --val-size: {"epoch", "val_accuracy", "val_loss"} of the best epoch so far
     early_stopped: bool = False
+    epoch_start: int = 0  # optimizer steps before the epoch under way
+
+    def state_dict(self) -> RunProgress:
+        return RunProgress(list(self.history), self.best, self.early_stopped)
 
 
 @dataclass
@@ -62,17 +70,30 @@ class Position:
     samples: int
 
 
+@dataclass
+class Components:
+    """The run's parts whose state a checkpoint holds, besides the progress."""
+
+    model: Any  # prepared by Accelerate
+    optimizer: Any
+    order: Any  # batches.TrainOrder
+    schedule: Any  # schedule.LRSchedule
+    scaler: Any = None  # torch.amp.GradScaler of an fp16 run
+    dropout: Any = None  # masks.GlobalDropout of a global batch
+
+
 class Recorder:
     """The run's writer. ``folder`` is the main process's hold on the run folder, None on other ranks."""
 
-    def __init__(self, accelerator, folder: RunFolder | None, start: Start, cfg: TrainConfig, versions: dict[str, str],
-                 model, optimizer, validation: bool):
-        self.accelerator, self.folder, self.start, self.cfg = accelerator, folder, start, cfg
-        self.versions, self.model, self.optimizer, self.validation = versions, model, optimizer, validation
+    def __init__(self, accelerator, folder: RunFolder | None, start: Start, versions: dict[str, str],
+                 parts: Components, validation: bool):
+        self.accelerator, self.folder, self.start, self.cfg = accelerator, folder, start, start.config
+        self.versions, self.parts, self.validation = versions, parts, validation
 
     def diverged(self, progress: Progress, what: str) -> RunFailed:
         newest = f"newest finite checkpoint: {progress.newest}" if progress.newest else "no checkpoint was written"
-        return RunFailed(f"training diverged: {what}; nothing of it was saved; {newest} (try a lower --lr)",
+        hint = "try a lower --lr" + (" or --weight-decay" if self.cfg.weight_decay > 0 else "")
+        return RunFailed(f"training diverged: {what}; nothing of it was saved; {newest} ({hint})",
                          silent=not self.accelerator.is_main_process)
 
     def config_history(self) -> list[dict[str, Any]]:
@@ -81,36 +102,38 @@ class Recorder:
     def begin(self, progress: Progress) -> None:
         """Record the config that runs now and the history it continues (main process), then meet."""
         self._write(lambda folder: (folder.write_config(self.cfg.to_dict(), self.start.run_id),
-                                    folder.write_metrics(progress.history)))  # matches the checkpoint it continues
+                                    folder.write_metrics(progress.history)), "writing config.json")
 
     def save_epoch(self, record: dict[str, Any], progress: Progress, best: bool = False) -> None:
-        """The epoch's checkpoint and metrics (with best: also best.safetensors)."""
+        """The epoch's checkpoint and metrics (with best: also best.safetensors); the epoch's mid-epoch
+        checkpoints are then superseded and removed."""
         started = time.perf_counter()
         weights, optimizer = self._checked_state(progress, f"after epoch {record['epoch']}")
-        rng = gather_rng(self.accelerator)
+        rng = gather_rng(self.accelerator, self._dropout_generator())
+        state = self.state(progress, record["epoch"])
 
         def write(folder: RunFolder) -> None:
             path = folder.checkpoint_path(record["epoch"])
-            write_checkpoint(path, weights, optimizer, rng, self._state(progress, record["epoch"]))
+            write_checkpoint(path, weights, optimizer, rng, state)
             folder.write_metrics(progress.history)
             if best:
                 save_weights(weights, folder.best_weights())
+            prune_superseded(folder.path, self.start.run_id, record["epoch"])
             prune(folder.path, self.start.run_id, self.cfg.keep_checkpoints, path)  # only once it is complete
             progress.newest = str(path)
 
-        self._write(write)
+        self._write(write, f"writing the checkpoint of epoch {record['epoch']}")
         progress.timings["checkpoint"] = progress.timings.get("checkpoint", 0.0) + time.perf_counter() - started
 
     def save_position(self, position: Position, progress: Progress) -> None:
         """A mid-epoch checkpoint: the position, every rank's RNG state and running sums."""
+        started = time.perf_counter()
         accelerator = self.accelerator
         weights, optimizer = self._checked_state(progress, f"at epoch {position.epoch} step {position.step}")
-        rng = gather_rng(accelerator)
+        rng = gather_rng(accelerator, self._dropout_generator())
         sums = accelerator.gather(position.loss_sum.float().reshape(1)).cpu()
         counts = accelerator.gather(torch.tensor([position.samples], dtype=torch.int64, device=accelerator.device)).cpu()
-        state = {**self._state(progress, position.epoch), "mid_epoch": {
-            "step": position.step, "steps": position.steps, "batch_size": self.cfg.batch_size,
-            "world_size": accelerator.num_processes, "train_seconds": position.train_seconds}}
+        state = self.state(progress, position.epoch, MidEpoch(position.step, position.steps, position.train_seconds))
 
         def write(folder: RunFolder) -> None:
             path = folder.checkpoint_path(position.epoch, position.step)
@@ -118,16 +141,36 @@ class Recorder:
             prune(folder.path, self.start.run_id, self.cfg.keep_checkpoints, path)
             progress.newest = str(path)
 
-        self._write(write)
+        self._write(write, f"writing the checkpoint at epoch {position.epoch} step {position.step}")
+        progress.timings["checkpoint"] = progress.timings.get("checkpoint", 0.0) + time.perf_counter() - started
+
+    def state(self, progress: Progress, epoch: int, mid: MidEpoch | None = None) -> TrainState:
+        """The checkpoint's TrainState at this point of the run (the same on every rank)."""
+        parts, cfg = self.parts, self.cfg
+        order = parts.order
+        order.set_epoch(epoch)
+        data = DataOrder(seed=cfg.seed, world_size=self.accelerator.num_processes, batch_size=order.batch_size,
+                         global_batch_size=order.global_batch, train_images=order.n, val_size=cfg.val_size,
+                         limit_train=cfg.limit_train, digest=order.digest())
+        return TrainState(
+            run_id=self.start.run_id, epoch=epoch, step=progress.epoch_start + mid.step if mid else progress.step,
+            data=data,
+            mid_epoch=mid, progress=progress.state_dict(),
+            random=RandomInfo(self.accelerator.device.type, parts.dropout is not None),
+            scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
+            schedule=parts.schedule.state_dict(), config=cfg.to_dict(), config_history=self.config_history(),
+            versions=self.versions)
 
     def finish(self, progress: Progress, first_epoch: int, started: float, setup: dict[str, float]) -> None:
         """The final weights and run.json (``started``: when main() began; ``setup``: its phases, seconds)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.accelerator.unwrap_model(self.parts.model)
         self._write(lambda folder: (save_weights(model.state_dict(), folder.final_weights()),
-                                    folder.write_summary(self.summary(progress, first_epoch, started, setup))))
+                                    folder.write_summary(self.summary(progress, first_epoch, started, setup))),
+                    "writing the final weights and run.json")
 
     def summary(self, progress: Progress, first_epoch: int, started: float, setup: dict[str, float]) -> dict[str, Any]:
-        """run.json: what ran where, with which config over which epochs, and where the wall time went."""
+        """run.json: what ran where, with which config over which epochs, and where the wall time went
+        (this launch's parts; the run's training time over every launch apart)."""
         new = [r for r in progress.history if r["epoch"] >= first_epoch]
         return {
             "run_id": self.start.run_id,
@@ -143,35 +186,26 @@ class Recorder:
                 "main": time.perf_counter() - started,  # main() -> now
                 "setup": progress.timings.get("setup", 0.0),  # config, Accelerator, folder, data, model, resume
                 **setup,  # its parts (setup_accelerator, setup_data, ...)
-                "train": sum(r["train_seconds"] for r in new),
+                "train": progress.timings.get("train", 0.0),  # this launch's training
                 "capture": sum(r["capture_seconds"] for r in new),
                 "eval": sum(r["eval_seconds"] for r in new),
                 "checkpoint": progress.timings.get("checkpoint", 0.0),
+                "run_train": sum(r["train_seconds"] for r in progress.history),  # the run's, every launch
             },
         }
 
-    def _write(self, write) -> None:
-        """The main process writes; every rank leaves together if that failed."""
-        error = None
-        if self.folder is not None:
-            try:
-                write(self.folder)
-            except DistmnistError as err:
-                error = err
-        agree(self.accelerator, error)
+    def _dropout_generator(self):
+        return self.parts.dropout.generator if self.parts.dropout is not None else None
 
-    def _state(self, progress: Progress, epoch: int) -> dict[str, Any]:
-        """A checkpoint's state.json."""
-        return {"run_id": self.start.run_id, "epoch": epoch, "step": progress.step,
-                "world_size": self.accelerator.num_processes, "config": self.cfg.to_dict(),
-                "config_history": self.config_history(), "metrics": progress.history, "versions": self.versions,
-                **({"best": progress.best, "early_stopped": progress.early_stopped} if self.validation else {})}
+    def _write(self, write, what: str) -> None:
+        """The main process writes; every rank leaves together if that failed."""
+        on_main(self.accelerator, lambda: write(self.folder), what)
 
     def _checked_state(self, progress: Progress, when: str) -> tuple[dict, dict]:
         """Weights and optimizer state, after checking that they are finite and identical on every rank."""
         accelerator = self.accelerator
-        weights = accelerator.unwrap_model(self.model).state_dict()
-        optimizer = saveable_state_dict(self.optimizer)  # a tensor lr (the schedule's) as a float
+        weights = accelerator.unwrap_model(self.parts.model).state_dict()
+        optimizer = saveable_state_dict(self.parts.optimizer)  # a tensor lr (the schedule's) as a float
         bad = nonfinite(weights)
         if bad:  # the same on every rank: DDP keeps the replicas equal
             raise self.diverged(progress, f"the weights became non-finite ({', '.join(bad)}) {when}")

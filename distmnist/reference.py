@@ -34,7 +34,8 @@ SHOWN = {"None": "none", "False": "off"}  # argparse's spelling of "not set" as 
 
 def parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     """Every command's parser, in the order of `distmnist --help` (imported here: torch comes with some)."""
-    modules = {"serve": "distmnist.serve.command", "train": "distmnist.config"}
+    modules = {"serve": "distmnist.serve.command", "train": "distmnist.config", "evaluate": "distmnist.evaluation",
+               "predict": "distmnist.prediction"}
     out = []
     for name in COMMANDS:
         build: Callable[[], argparse.ArgumentParser] = importlib.import_module(

@@ -18,17 +18,18 @@ lr * (t + 1) / W for t < W (LinearLR(start_factor=1/W, total_iters=W-1) then the
 SequentialLR chains them), so no step runs at lr 0.
 
 Why a device tensor: torch.optim.SGD (fused) accepts a Tensor lr and reads it from device memory at
-every step. `advance()` writes lr(t) into that tensor from a step counter that also lives on the
-device, looking it up in a table of every step's lr made once, with tensor operations only. No
-host value enters the step, so a CUDA graph captured once replays the whole schedule (the counter
-advances inside the graph; nothing is re-captured) and no step waits for the host. Because lr depends on t alone, a resumed run (the counter restarts at the
-checkpoint's step) follows exactly the schedule of an uninterrupted one.
+every step. `advance()` computes lr(t) into that tensor from a step counter that also lives on the
+device, with tensor operations only: no host value enters the step, so a CUDA graph captured once
+replays the whole schedule (the counter advances inside the graph; nothing is re-captured), no
+step waits for the host, and nothing grows with the run's length. Because lr depends on t alone,
+a resumed run (the counter restarts at the checkpoint's step) follows exactly the schedule of an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -59,10 +60,11 @@ class ScheduleSpec:
                    cfg.lr_gamma, cfg.min_lr)
 
     def check(self) -> None:
-        """Constraints that need the run's length (the flags alone are checked in config.py)."""
-        if self.kind in ("cosine", "onecycle") and self.warmup_steps >= self.total_steps:
-            raise DistmnistError(f"--warmup-steps {self.warmup_steps} must be less than the run's "
-                                 f"{self.total_steps} optimizer steps for --lr-schedule {self.kind}")
+        """Constraints that need the run's length (the flags alone are checked in config.py); the warm-up
+        the same way for every schedule: it must end before the run does."""
+        if self.warmup_steps >= self.total_steps:
+            raise DistmnistError(f"--warmup-steps {self.warmup_steps:,} must be less than the run's "
+                                 f"{self.total_steps:,} optimizer steps (--lr-schedule {self.kind})")
         if self.kind == "onecycle" and self.total_steps < 2:
             raise DistmnistError("--lr-schedule onecycle needs at least 2 optimizer steps")
 
@@ -116,7 +118,7 @@ class ScheduleSpec:
             return f"step: {self.lr:g} x {self.gamma:g} every {self.step_size} steps{warm}"
         if self.kind == "cosine":
             return f"cosine {self.lr:g} -> {self.min_lr:g} over {self.total_steps:,} steps{warm}"
-        rise = self.warmup_steps or f"{ONECYCLE_PCT_START:.0%} of"
+        rise = (f"{self.warmup_steps:,} of" if self.warmup_steps else f"{ONECYCLE_PCT_START:.0%} of")
         return (f"onecycle {self.lr / ONECYCLE_DIV:.3g} -> {self.lr:g} -> {self.lr / ONECYCLE_DIV / ONECYCLE_FINAL_DIV:.2g}, "
                 f"rising over {rise} {self.total_steps:,} steps")
 
@@ -124,16 +126,14 @@ class ScheduleSpec:
 class LRSchedule:
     """The lr tensor the optimizer reads, and the device step counter that drives it.
 
-    lr(t) for every step of the run is computed once, at set-up, into a float32 table on the device
-    (4 bytes a step); a step then costs three small device operations (look up, copy, count) instead
-    of the dozen a closed form would take, which matters in a CUDA graph of about 50 kernels.
+    lr(t) is computed at every step on the device, from the counter, with tensor operations only (a
+    dozen small kernels, inside the CUDA graph when there is one): nothing is tabulated, so memory does
+    not depend on the run's length.
     """
 
     def __init__(self, spec: ScheduleSpec, device: torch.device, start_step: int = 0):
         self.spec = spec
-        steps = torch.arange(max(spec.total_steps, start_step + 1), dtype=torch.float64)
         # float32: the CUDA fused SGD kernel reads the lr through a float pointer (the CPU one via item())
-        self.table = spec.lrs(steps).float().to(device)
         self.lr = torch.empty((), dtype=torch.float32, device=device)
         self.step = torch.empty(1, dtype=torch.long, device=device)  # index of the next optimizer step
         self.start_at(start_step)
@@ -141,22 +141,26 @@ class LRSchedule:
     def start_at(self, step: int) -> None:
         """Put the counter at `step` (a resumed run's global step); outside the step, once."""
         self.step.fill_(step)
-        self.lr.copy_(self.table[step])
+        self.lr.copy_(self.spec.lrs(self.step.reshape(())).float())
 
     def install(self, optimizer) -> None:
         """Make every param group read this tensor (again after a load_state_dict put a float there).
 
         A constant lr without warm-up stays a plain float: the default recipe's step (and its CUDA
         graph, verified on a GPU before schedules existed) is exactly what it was; only a schedule,
-        which needs it, puts a tensor in the optimizer (not yet run on a GPU: see the README)."""
+        which needs it, puts a tensor in the optimizer."""
         for group in optimizer.param_groups:
             group["lr"] = self.lr if self.spec.varies else self.spec.lr
 
     def advance(self) -> None:
-        """Inside the step, before optimizer.step(): lr <- table[counter], counter += 1. Device ops only."""
+        """Inside the step, before optimizer.step(): lr <- lr(counter), counter += 1. Device ops only."""
         if self.spec.varies:
-            self.lr.copy_(self.table.index_select(0, self.step).reshape(()))
+            self.lr.copy_(self.spec.lrs(self.step.reshape(())).float())
             self.step.add_(1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule as a checkpoint records it: its definition (lr(t) is a function of t alone)."""
+        return asdict(self.spec)
 
 
 def saveable_state_dict(optimizer) -> dict[str, Any]:

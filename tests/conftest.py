@@ -51,7 +51,7 @@ def mnist_dir(tmp_path: Path) -> Path:
     return write_mnist(tmp_path / "mnist")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_mnist() -> Path:
     """The real MNIST beside the project; its absence fails under CI=true and skips elsewhere."""
     if not (REAL_MNIST / "train-images-idx3-ubyte.gz").exists():
@@ -59,6 +59,27 @@ def real_mnist() -> Path:
             pytest.fail(f"real MNIST expected at {REAL_MNIST} under CI=true")
         pytest.skip(f"real MNIST not found at {REAL_MNIST}")
     return REAL_MNIST
+
+
+def metrics_record(epoch: int, steps_per_epoch: int = 14, world: int = 2) -> dict:
+    """An epoch's metrics record with every field a resumed run reads back."""
+    return {"epoch": epoch, "step": steps_per_epoch * epoch, "train_loss": 0.5, "train_samples": 600,
+            "train_seconds": 1.5, "test_loss": 0.4, "test_accuracy": 0.9, "test_correct": 225, "test_samples": 250,
+            "world_size": world}
+
+
+def checkpoint_state(run_id: str = "run-a", epoch: int = 3, world: int = 2, steps_per_epoch: int = 14,
+                     config: dict | None = None):
+    """A consistent TrainState at the end of ``epoch`` (records for epochs 1..epoch, the step where they end)."""
+    from distmnist.state import DataOrder, RunProgress, TrainState
+
+    config = {"lr": 0.01} if config is None else config
+    return TrainState(
+        run_id=run_id, epoch=epoch, step=steps_per_epoch * epoch,
+        data=DataOrder(seed=1, world_size=world, batch_size=25, global_batch_size=None, train_images=600, val_size=0,
+                       limit_train=None, digest="0" * 64),
+        progress=RunProgress([metrics_record(e, steps_per_epoch, world) for e in range(1, epoch + 1)]),
+        config=config, config_history=[{"from_epoch": 1, "from_step": 0, "config": config}])
 
 
 def free_port() -> int:
@@ -123,6 +144,57 @@ def worker_exit(stderr: str) -> int:
     others = {int(c) for c in re.findall(r"exitcode\s*: (-?\d+)", stderr)}
     assert others <= {code, -15}, stderr[-3000:]
     return code
+
+
+# Sends a real signal to this process (or its launcher) at an exact point of a run, then runs
+# train.main(argv): argv[1] where (step: after the at-th training step; launcher: the same, to the
+# parent; twice: two signals; evaluate: as the at-th evaluation starts; save: between two files of a
+# checkpoint), argv[2] at, argv[3] the signal's name (SIGKILL too: a lost worker), the rest train's argv.
+# SIGNAL_RANK picks the rank that fires (default 0).
+STOP_DRIVER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import distmnist.checkpoint as checkpoint
+    import distmnist.engine as engine
+    from distmnist.training import main
+
+    where, at, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    sig = getattr(signal, name)
+    me = os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0")
+    calls = 0
+
+    def fire(pid):
+        print(f"FIRED {time.time():.3f}", file=sys.stderr, flush=True)
+        os.kill(pid, sig)
+        if where == "twice":
+            os.kill(pid, sig)
+
+    def wrap(owner, attr, before):
+        real = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            global calls
+            calls += 1
+            hit = me and calls == at
+            if hit and before:
+                fire(os.getppid() if where == "launcher" else os.getpid())
+            result = real(*args, **kwargs)
+            if hit and not before:
+                fire(os.getppid() if where == "launcher" else os.getpid())
+            return result
+
+        setattr(owner, attr, wrapper)
+
+    if where in ("step", "launcher", "twice"):  # after the at-th training step of the run
+        wrap(engine.Engine, "_step", before=False)
+    elif where == "evaluate":  # as the at-th evaluation starts
+        wrap(engine.Engine, "evaluate", before=True)
+    elif where == "save":  # between two files of a checkpoint being written
+        wrap(checkpoint, "write_bytes", before=False)
+    main(sys.argv[4:])
+    """
+)
+
 
 
 # Calls the real entry points, train.main(argv), evaluate.main(argv), plot.main(argv) ... (what `python -m`

@@ -136,7 +136,7 @@ DRIFT = textwrap.dedent(
     """
     import os, sys, torch
     import distmnist.engine as engine
-    from distmnist.train import main
+    from distmnist.training import main
 
     real = engine.Engine.evaluate
 

@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import distmnist
+from distmnist import evaluation, prediction, training
 from conftest import BIN, ROOT, env, free_port, run_module, write_mnist
 from distmnist.data import load_mnist
 
@@ -68,18 +69,19 @@ def runs(tmp_path_factory) -> SimpleNamespace:
 # ---------------------------------------------------------------- the package
 
 
-def test_importing_distmnist_stays_cheap_and_commands_stay_modules():
+def test_importing_distmnist_stays_cheap_and_the_api_names_are_functions():
     code = textwrap.dedent("""
-        import inspect, sys, types
+        import inspect, runpy, sys
         import distmnist
         assert "torch" not in sys.modules, "import distmnist imported torch"
         assert issubclass(distmnist.RunStopped, distmnist.DistmnistError) and "torch" not in sys.modules
         from distmnist import train, evaluate
-        assert isinstance(train, types.ModuleType) and callable(train) and callable(train.main)
-        assert distmnist.train is sys.modules["distmnist.train"] and callable(evaluate.main)
+        assert inspect.isfunction(train) and inspect.isfunction(evaluate) and train is distmnist.train
+        assert train.__module__ == "distmnist.api" and distmnist.load_run.__module__ == "distmnist.api"
         assert list(inspect.signature(distmnist.evaluate).parameters)[:2] == ["checkpoint", "data_dir"]
         assert "images" in inspect.signature(distmnist.predict).parameters
-        assert distmnist.load_run.__module__ == "distmnist.api"
+        from distmnist.training import main, run_training  # the command's code, by its own name
+        assert callable(main) and distmnist.train is train  # ... which leaves the function in place
         print("ok")
     """)
     proc = check(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True,
@@ -228,35 +230,99 @@ def test_bad_train_options_raise_the_command_lines_message(case, tmp_path, capsy
         options = {k: str(config) if v == "{file}" else v for k, v in options.items()}
     with pytest.raises(distmnist.DistmnistError) as raised:
         distmnist.train(data_dir=tmp_path, output_dir=tmp_path / "out", **options)
-    assert str(raised.value) == cli_error(distmnist.train.main, argv, capsys)
+    assert str(raised.value) == cli_error(training.main, argv, capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_python_values_are_type_checked_like_a_config_files(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("epochs: '3'\n")
-    message = cli_error(distmnist.train.main, ["--config", str(config)], capsys)
+    message = cli_error(training.main, ["--config", str(config)], capsys)
     with pytest.raises(distmnist.DistmnistError) as raised:
         distmnist.train(epochs="3")
     assert str(raised.value) == message.replace(f"--config {config}", "distmnist.train()")
     with pytest.raises(distmnist.DistmnistError, match=r"unknown option 'lrr'; did you mean lr\? \(the options are config and"):
         distmnist.train(lrr=0.1)
     # Path objects and numpy numbers are what notebooks pass
-    with pytest.raises(distmnist.DistmnistError, match="--epochs must be >= 1, got 0"):
+    with pytest.raises(distmnist.DistmnistError, match="--epochs must be between 1 and 1,000,000, got 0"):
         distmnist.train(data_dir=tmp_path, epochs=np.int64(0), lr=np.float32(0.5))
 
 
 def test_bad_evaluate_and_predict_arguments_raise_the_command_lines_message(runs, tmp_path, capsys):
     weights = str(runs.result.weights)
-    message = cli_error(distmnist.evaluate.main, ["--checkpoint", weights, "--test-batch-size", "0"], capsys)
+    message = cli_error(evaluation.main, ["--checkpoint", weights, "--test-batch-size", "0"], capsys)
     with pytest.raises(distmnist.DistmnistError) as raised:
         distmnist.evaluate(weights, test_batch_size=0)
     assert str(raised.value) == message
     missing = str(tmp_path / "nothing.safetensors")
-    message = cli_error(distmnist.predict.main, ["--checkpoint", missing, str(ROOT / "docs" / "my-digit.png")], capsys)
+    message = cli_error(prediction.main, ["--checkpoint", missing, str(ROOT / "docs" / "my-digit.png")], capsys)
     with pytest.raises(distmnist.DistmnistError) as raised:
         distmnist.predict(missing, [ROOT / "docs" / "my-digit.png"])
     assert str(raised.value) == message
+
+
+def test_every_function_answers_a_wrong_call_with_distmnists_error(runs, tmp_path):
+    weights = runs.result.weights
+    cases = {
+        "evaluate(weights, mistake=3)": (lambda: distmnist.evaluate(weights, mistake=3),
+                                         "distmnist.evaluate(): unknown argument 'mistake'; did you mean mistakes?"),
+        "evaluate()": (lambda: distmnist.evaluate(), "distmnist.evaluate(): missing a required argument: 'checkpoint'"),
+        "evaluate(5)": (lambda: distmnist.evaluate(5), "distmnist.evaluate(): 'checkpoint' must be a path"),
+        "load_run(5)": (lambda: distmnist.load_run(5), "distmnist.load_run(): 'output_dir' must be a path (a str or "
+                                                        "os.PathLike), got int 5"),
+        "load_run(None)": (lambda: distmnist.load_run(None), "'output_dir' must be a path (a str or os.PathLike), got "
+                                                              "NoneType None"),
+        "load_run(file)": (lambda: distmnist.load_run(weights), f"distmnist.load_run(): {weights} is a file, not a run "
+                                                                "folder: give the run's --output-dir"),
+        "load_run(run, x=1)": (lambda: distmnist.load_run(runs.api, x=1), "unknown argument 'x'"),
+        "predict(weights, 5)": (lambda: distmnist.predict(weights, 5),
+                                "distmnist.predict(): 'images' must be an image (a file name, a PIL image, a uint8 "
+                                "array of 28 x 28 digits) or a list of them, got int 5"),
+        "predict(weights, [], max_pixel=9)": (lambda: distmnist.predict(weights, [], max_pixel=9),
+                                              "unknown argument 'max_pixel'; did you mean max_pixels?"),
+        "train(data_dir=123)": (lambda: distmnist.train(data_dir=123), "'data_dir' must be a path (a string), got "
+                                                                       "int 123"),
+        "train(epoch=2)": (lambda: distmnist.train(epoch=2), "unknown option 'epoch'; did you mean epochs?"),
+        "top(-1)": (lambda: distmnist.predict(weights, [ROOT / "docs" / "my-digit.png"])[0].top(-1),
+                    "Prediction.top(k): k must be a whole number from 1 to 10, got -1"),
+        "top(11)": (lambda: distmnist.predict(weights, [ROOT / "docs" / "my-digit.png"])[0].top(11), "got 11"),
+    }
+    for name, (call, needle) in cases.items():
+        with pytest.raises(distmnist.DistmnistError) as raised:
+            call()
+        assert needle in str(raised.value), (name, str(raised.value))
+    assert len(distmnist.predict(weights, [ROOT / "docs" / "my-digit.png"])[0].top(10)) == 10
+
+
+def test_a_second_train_in_the_same_process_while_one_runs_is_refused(runs, tmp_path):
+    code = textwrap.dedent(f"""
+        import threading, time, distmnist
+        from distmnist import engine
+        started, release = threading.Event(), threading.Event()
+        real = engine.Engine._step
+        def step(self, *args):  # the first run waits in its first step until the second has been tried
+            started.set()
+            release.wait(60)
+            return real(self, *args)
+        engine.Engine._step = step
+        first = threading.Thread(target=lambda: distmnist.train(data_dir={str(runs.data)!r}, output_dir=
+                                 {str(tmp_path / 'one')!r}, epochs=1, progress="none"))
+        first.start()
+        started.wait(60)
+        try:
+            distmnist.train(data_dir={str(runs.data)!r}, output_dir={str(tmp_path / 'two')!r}, epochs=1,
+                            progress="none")
+        except distmnist.DistmnistError as err:
+            print("refused:", err)
+        release.set()
+        first.join()
+        print("first finished:", distmnist.load_run({str(tmp_path / 'one')!r}).finished)
+    """)
+    proc = check(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                                env=env()))
+    assert "refused: distmnist.train(): another train() is running in this process" in proc.stdout
+    assert "first finished: True" in proc.stdout
+    assert not (tmp_path / "two").exists()
 
 
 def test_missing_data_raises_the_command_lines_message(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,10 @@ from safetensors.torch import load_file, save_file
 from distmnist.checkpoint import load_checkpoint, load_weights, save_weights, unflatten_optimizer, write_checkpoint
 from distmnist.errors import DistmnistError
 from distmnist.model import Net, parameter_count, to_input
-from distmnist.rundir import checkpoint_name, newest_valid, prune, scan
+from distmnist.catalogue import checkpoint_name, newest_valid, scan
+from distmnist.rundir import prune
+
+from conftest import checkpoint_state, metrics_record
 
 KEYS = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 
@@ -80,21 +84,14 @@ def trained_state(seed: int = 0):
         F.nll_loss(model(x), torch.tensor([1, 2, 3, 4])).backward()
         opt.step()
     rng = {"cpu": torch.stack([torch.get_rng_state(), torch.get_rng_state()])}
-    state = {"run_id": "run-a", "epoch": 3, "step": 42, "world_size": 2, "config": {"lr": 0.01}, "metrics": [record(1)]}
-    return model, opt, rng, state
-
-
-def record(epoch: int) -> dict:
-    """An epoch's metrics record with every field a resumed run reads back."""
-    return {"epoch": epoch, "step": 14 * epoch, "train_loss": 0.5, "train_samples": 600, "train_seconds": 1.5,
-            "test_loss": 0.4, "test_accuracy": 0.9, "test_correct": 225, "test_samples": 250, "world_size": 2}
+    return model, opt, rng
 
 
 def write(tmp_path, epoch=3, model_state=None, seed=0):
-    model, opt, rng, state = trained_state(seed)
+    model, opt, rng = trained_state(seed)
     weights = model.state_dict() if model_state is None else model_state
     path = write_checkpoint(tmp_path / "run" / "checkpoints" / checkpoint_name(epoch), weights, opt.state_dict(), rng,
-                            {**state, "epoch": epoch})
+                            checkpoint_state(epoch=epoch))
     return path, model, opt, rng
 
 
@@ -102,9 +99,10 @@ def test_round_trip_restores_every_tensor_and_the_state(tmp_path):
     path, model, opt, rng = write(tmp_path)
     assert path == tmp_path / "run" / "checkpoints" / "epoch-0003"
     ckpt = load_checkpoint(path)
-    assert ckpt.epoch == 3 and ckpt.state["step"] == 42 and ckpt.state["world_size"] == 2
-    assert ckpt.state["metrics"] == [record(1)] and ckpt.state["config"] == {"lr": 0.01}
-    assert ckpt.run_id == "run-a" and ckpt.mid_epoch is None and ckpt.epochs_done == 3
+    assert ckpt.epoch == 3 and ckpt.state.step == 42 and ckpt.state.data.world_size == 2
+    assert ckpt.state.progress.metrics == [metrics_record(e) for e in (1, 2, 3)] and ckpt.state.config == {"lr": 0.01}
+    assert ckpt.run_id == "run-a" and ckpt.state.mid_epoch is None and ckpt.epochs_done == 3
+    assert ckpt.state == replace(checkpoint_state(epoch=3), optimizer_param_groups=ckpt.state.optimizer_param_groups)
     assert list(ckpt.model) and set(ckpt.model) == set(KEYS)
     for key, value in model.state_dict().items():
         assert torch.equal(ckpt.model[key], value)
@@ -114,7 +112,7 @@ def test_round_trip_restores_every_tensor_and_the_state(tmp_path):
     fresh = Net()
     fresh.load_state_dict(ckpt.model, strict=True)
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.5, momentum=0.1)
-    fresh_opt.load_state_dict(unflatten_optimizer(ckpt.optimizer, ckpt.state["optimizer_param_groups"]))
+    fresh_opt.load_state_dict(unflatten_optimizer(ckpt.optimizer, ckpt.state.optimizer_param_groups))
     original, restored = opt.state_dict(), fresh_opt.state_dict()
     assert len(restored["state"]) == len(KEYS)
     for index, entries in original["state"].items():
@@ -141,7 +139,7 @@ def test_checkpoint_weights_load_into_a_plain_net(tmp_path):
 
 
 def test_save_weights_loads_into_a_plain_net(tmp_path):
-    model, *_ = trained_state(seed=5)
+    model, _, _ = trained_state(seed=5)
     target = tmp_path / "model.safetensors"
     save_weights(model.state_dict(), target)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

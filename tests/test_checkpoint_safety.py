@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, env, run_in_process, run_module, write_mnist
+from conftest import ROOT, checkpoint_state, env, run_in_process, run_module, write_mnist
 from distmnist.checkpoint import load_checkpoint, load_weights, read_tensors, sha256, verify, write_checkpoint
 from distmnist.errors import DistmnistError
 from distmnist.model import Net
-from distmnist.rundir import scan
+from distmnist.catalogue import scan
 
 FAST = ("--progress", "plain", "--batch-size", "50")
 
@@ -50,7 +50,7 @@ DRIVER = textwrap.dedent(
     """
     import os, signal, sys
     import distmnist.checkpoint as ckpt
-    from distmnist.train import main
+    from distmnist.training import main
 
     mode, at = sys.argv[1], int(sys.argv[2])
     calls = 0
@@ -176,10 +176,9 @@ def test_a_save_removes_temp_folders_left_by_crashed_saves(tmp_path):
     leftover.mkdir(parents=True)
     (leftover / "model.safetensors").write_bytes(b"half")
     net = Net()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    state = {"epoch": 2, "step": 10, "metrics": []}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)  # no momentum: no state to make first
     write_checkpoint(root / "epoch-0002", net.state_dict(), optimizer.state_dict(),
-                     {"cpu": torch.get_rng_state().unsqueeze(0)}, state)
+                     {"cpu": torch.get_rng_state().unsqueeze(0)}, checkpoint_state(epoch=2, world=1, steps_per_epoch=5))
     assert sorted(p.name for p in root.iterdir()) == ["epoch-0002"]
     assert load_checkpoint(root / "epoch-0002").epoch == 2
 

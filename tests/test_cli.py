@@ -11,7 +11,9 @@ import sys
 import pytest
 
 from conftest import BIN, ROOT, env
-from distmnist import bench, cli, config, evaluate, plot, predict
+from distmnist import bench, cli, config, plot
+from distmnist import evaluation as evaluate
+from distmnist import prediction as predict
 from distmnist.serve import command as serve
 
 PARSERS = {
@@ -155,7 +157,7 @@ def fresh_accelerate():
 def test_log_with_a_missing_package_names_what_to_install(tracker, package, monkeypatch, mnist_dir, capsys):
     import accelerate.tracking
 
-    from distmnist.train import main as train_main
+    from distmnist.training import main as train_main
 
     monkeypatch.setattr(accelerate.tracking, "_available_trackers", [])  # as if no tracker were installed
     with pytest.raises(SystemExit) as exit:
@@ -165,7 +167,7 @@ def test_log_with_a_missing_package_names_what_to_install(tracker, package, monk
 
 
 def test_log_with_an_unknown_tracker_lists_the_known_ones(mnist_dir, capsys):
-    from distmnist.train import main as train_main
+    from distmnist.training import main as train_main
 
     with pytest.raises(SystemExit) as exit:
         train_main(["--data-dir", str(mnist_dir), "--log-with", "carrier-pigeon"])
@@ -180,7 +182,7 @@ def test_log_with_sends_the_config_and_every_epoch_to_the_tracker(monkeypatch, m
     """A tracker registered the way Accelerate allows receives what tensorboard or wandb would."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
 
-    from distmnist.train import main as train_main
+    from distmnist.training import main as train_main
 
     seen = []
 
@@ -228,7 +230,7 @@ def test_log_with_sends_the_config_and_every_epoch_to_the_tracker(monkeypatch, m
 
 
 def train_in_process(mnist_dir, out, *extra) -> int:
-    from distmnist.train import main as train_main
+    from distmnist.training import main as train_main
 
     return train_main(["--data-dir", str(mnist_dir), "--no-download", "--epochs", "2", "--limit-train", "200",
                        "--output-dir", str(out), "--progress", "none", *extra])

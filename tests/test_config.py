@@ -107,7 +107,7 @@ def test_impossible_values_are_rejected_naming_the_flag(argv, flag):
 
 
 def test_impossible_values_from_yaml_are_rejected_too(tmp_path):
-    with pytest.raises(DistmnistError, match="--epochs must be >= 1"):
+    with pytest.raises(DistmnistError, match="--epochs must be between 1 and 1,000,000, got 0"):
         parse_config(["--config", write_yaml(tmp_path, "epochs: 0\n")])
     with pytest.raises(DistmnistError, match="--mixed-precision must be one of no, fp16, bf16"):
         parse_config(["--config", write_yaml(tmp_path, "mixed_precision: fp8\n")])

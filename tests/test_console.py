@@ -10,7 +10,8 @@ import pytest
 from rich.console import Console as RichConsole
 
 from distmnist import console as console_module
-from distmnist.console import Console, Outputs, RunClock, live_rows, run_header, summary_lines
+from distmnist.clock import RunClock
+from distmnist.console import Console, Outputs, live_rows, run_header, summary_lines
 from distmnist.model import Net, layer_summary
 
 FILES = ("model.safetensors", "checkpoints/", "metrics.jsonl", "run.json", "config.json")
@@ -188,7 +189,7 @@ def test_a_real_run_at_80_columns(mnist_dir, tmp_path, monkeypatch):
     """train with --progress rich on a recording console of 80 columns."""
     from accelerate.state import AcceleratorState
 
-    from distmnist.train import main
+    from distmnist.training import main
 
     rc = recording(80)
     monkeypatch.setattr(console_module, "RichConsole", lambda **kwargs: rc)

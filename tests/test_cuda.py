@@ -29,7 +29,7 @@ class FirstBatches(list):
 def first_steps(data_dir, lr: float, steps: int):
     """(accelerator, prepared model and optimizer, the first `steps` resident batches of epoch 1), seeded
     alike for an eager and a graphed run."""
-    from distmnist.batches import train_batches, train_sampler
+    from distmnist.batches import TrainOrder, train_batches
     from distmnist.data import load_mnist
     from distmnist.distributed import make_accelerator
     from distmnist.engine import make_sgd, tune_for_device
@@ -43,9 +43,9 @@ def first_steps(data_dir, lr: float, steps: int):
     optimizer = make_sgd(model, lr, 0.9, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(1)
-    sampler = train_sampler(len(train), 1, 0, seed=1)
-    sampler.set_epoch(1)
-    batches = FirstBatches(list(train_batches(train, sampler, 100, accelerator.device, resident=True))[:steps])
+    order = TrainOrder(len(train), 1, 0, seed=1, batch_size=100)
+    order.set_epoch(1)
+    batches = FirstBatches(list(train_batches(train, order, accelerator.device, resident=True))[:steps])
     return accelerator, model, optimizer, batches
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import idx_bytes, write_mnist
-from distmnist.batches import LoaderBatches, ResidentBatches, eval_batches, eval_shard, train_batches, train_sampler
+from distmnist.batches import LoaderBatches, ResidentBatches, TrainOrder, eval_batches, eval_shard, train_batches
 from distmnist.data import FILES, Split, load_mnist, read_idx, read_split
 from distmnist.errors import DistmnistError
 
@@ -168,9 +168,9 @@ def test_one_missing_file_is_named(tmp_path):
 def rank_orders(n: int, world: int, seed: int = 1, epoch: int = 0) -> list[list[int]]:
     orders = []
     for rank in range(world):
-        sampler = train_sampler(n, world, rank, seed)
-        sampler.set_epoch(epoch)
-        orders.append(list(sampler))
+        order = TrainOrder(n, world, rank, seed, batch_size=1)
+        order.set_epoch(epoch)
+        orders.append(list(order.sampler))
     return orders
 
 
@@ -239,37 +239,93 @@ def random_split(n: int, seed: int = 0) -> Split:
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_resident_and_loader_batches_are_identical(world):
+@pytest.mark.parametrize("global_batch", [None, 120])
+def test_resident_and_loader_batches_are_identical(world, global_batch):
     split = random_split(251)
     batch = 40  # 251 / world is never a multiple of 40: every rank ends in a partial batch
     for rank in range(world):
-        resident_sampler, loader_sampler = (train_sampler(len(split), world, rank, seed=7) for _ in range(2))
-        resident = train_batches(split, resident_sampler, batch, CPU, resident=True)
-        loader = train_batches(split, loader_sampler, batch, CPU, resident=False)
+        resident_order, loader_order = (TrainOrder(len(split), world, rank, 7, batch, global_batch) for _ in range(2))
+        resident = train_batches(split, resident_order, CPU, resident=True)
+        loader = train_batches(split, loader_order, CPU, resident=False)
         assert isinstance(resident, ResidentBatches) and isinstance(loader, LoaderBatches)
-        assert len(resident) == len(loader) == -(-len(resident_sampler) // batch)
+        expected_steps = -(-251 // global_batch) if global_batch else -(-len(resident_order.sampler) // batch)
+        assert len(resident) == len(loader) == expected_steps
         for epoch in (0, 1):
-            resident_sampler.set_epoch(epoch)
-            loader_sampler.set_epoch(epoch)
+            resident_order.set_epoch(epoch)
+            loader_order.set_epoch(epoch)
             a, b = list(resident), list(loader)
             assert len(a) == len(b) == len(resident)
-            for (ia, la), (ib, lb) in zip(a, b):
+            for (ia, la), (ib, lb) in zip(a, b, strict=True):
                 assert ia.dtype == ib.dtype == torch.uint8 and la.dtype == lb.dtype == torch.int64
                 assert torch.equal(ia, ib) and torch.equal(la, lb)
-            assert len(a[-1][1]) == len(resident_sampler) % batch > 0  # the partial last batch
-            # and the batches are exactly the sampler's order
-            order = torch.tensor(list(resident_sampler))
+            # and the batches are exactly the order's
+            order = torch.cat(resident_order.steps())
             assert torch.equal(torch.cat([lb for _, lb in a]), split.labels[order])
             assert torch.equal(torch.cat([ib for ib, _ in a]), split.images[order])
+            # from a step in the middle, the same batches as an uninterrupted epoch, minus the first ones
+            for later, whole in zip(list(loader.epoch(2)), a[2:], strict=True):
+                assert torch.equal(later[1], whole[1])
+        if not global_batch:
+            assert len(a[-1][1]) == len(resident_order.sampler) % batch > 0  # the partial last batch
 
 
 def test_batch_paths_leave_the_global_rng_alone():
-    """Dropout draws from the global RNG: iterating batches must not, or the two paths would train differently."""
+    """Dropout draws from the global RNG: iterating batches must not, or the two paths would train differently
+    (also when an epoch resumes in its middle)."""
     split = random_split(120)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     for resident in (True, False):
-        sampler = train_sampler(len(split), 2, 0, seed=1)
-        sampler.set_epoch(3)
-        list(train_batches(split, sampler, 32, CPU, resident))
+        order = TrainOrder(len(split), 2, 0, seed=1, batch_size=32)
+        order.set_epoch(3)
+        batches = train_batches(split, order, CPU, resident)
+        list(batches)
+        list(batches.epoch(1))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+# ---------------------------------------------------------------- the global batch
+
+
+def global_steps(n: int, world: int, global_batch: int, seed: int = 3, epoch: int = 2) -> list[list[int]]:
+    """Every step's global batch as the ranks take it, in position order (rank r holds positions r, r + N ...)."""
+    per_rank = []
+    for rank in range(world):
+        order = TrainOrder(n, world, rank, seed, batch_size=1, global_batch=global_batch)
+        order.set_epoch(epoch)
+        per_rank.append([s.tolist() for s in order.steps()])
+    steps = []
+    for k in range(len(per_rank[0])):
+        rows = [per_rank[r][k] for r in range(world)]
+        size = sum(len(r) for r in rows)
+        steps.append([rows[p % world][p // world] for p in range(size)])
+    return steps
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), world=st.sampled_from([1, 2, 3, 4]), per_rank=st.integers(1, 40),
+       seed=st.integers(0, 2**31), epoch=st.integers(0, 20))
+def test_a_global_batch_is_the_same_for_any_number_of_processes(n, world, per_rank, seed, epoch):
+    g = world * per_rank
+    single = global_steps(n, 1, g, seed, epoch)
+    assert global_steps(n, world, g, seed, epoch) == single  # the same images at the same positions
+    flat = [i for step in single for i in step]
+    assert sorted(flat) == list(range(n))  # every image once per epoch: no padding, no image dropped
+    assert [len(step) for step in single] == [g] * (n // g) + ([n % g] if n % g else [])
+    order = TrainOrder(n, world, 0, seed, batch_size=1, global_batch=g)
+    assert [order.step_images(k) for k in range(len(order))] == [len(step) for step in single]
+
+
+def test_the_order_digest_changes_with_what_changes_the_batches():
+    def digest(epoch=1, **kw):
+        args = dict(n=600, world=2, rank=0, seed=1, batch_size=50, global_batch=None, data_key=b"data")
+        order = TrainOrder(**{**args, **kw})
+        order.set_epoch(epoch)
+        return order.digest()
+
+    base = digest()
+    assert digest(rank=1) == base  # every rank computes the same digest
+    for changed in (dict(seed=2), dict(n=599), dict(batch_size=60), dict(world=4, batch_size=25),
+                    dict(data_key=b"other"), dict(global_batch=100), dict(epoch=2)):
+        assert digest(**changed) != base, changed
+    assert digest(global_batch=100, world=1) == digest(global_batch=100, world=4)  # the global batch: any world

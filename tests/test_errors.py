@@ -33,10 +33,9 @@ BILLION_LAUGHS = textwrap.dedent(
 def craft(src: Path, dst: Path, change) -> Path:
     """A copy of checkpoint src whose state is changed by `change` and whose manifest matches it."""
     ckpt = load_checkpoint(src)
-    state = {k: v for k, v in ckpt.state.items() if k not in ("format", "optimizer_param_groups")}
-    change(state)
-    optimizer = unflatten_optimizer(ckpt.optimizer, ckpt.state["optimizer_param_groups"])
-    return write_checkpoint(dst, ckpt.model, optimizer, ckpt.rng, state)
+    optimizer = unflatten_optimizer(ckpt.optimizer, ckpt.state.optimizer_param_groups)
+    change(ckpt.state)
+    return write_checkpoint(dst, ckpt.model, optimizer, ckpt.rng, ckpt.state)
 
 
 def add_manifest_entry(folder: Path, name: str, target: Path) -> None:
@@ -61,7 +60,7 @@ def cases(tmp_path_factory):
     (work / "twice.yaml").write_text("epochs: 2\nlr: 0.1\nepochs: 3\n")
     (work / "a-file").write_text("not a folder")
     (work / "link").symlink_to(good)
-    craft(good, work / "no-field" / "epoch-0001", lambda s: s["metrics"][0].pop("test_loss"))
+    craft(good, work / "no-field" / "epoch-0001", lambda s: s.progress.metrics[0].pop("test_loss"))
     escape = shutil.copytree(good, work / "escape")
     (work / "x").write_text("outside")
     add_manifest_entry(escape, "../../x", work / "x")

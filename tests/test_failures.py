@@ -106,7 +106,7 @@ SETUP_FAILS = textwrap.dedent(
     """
     import os, sys
     import distmnist.data as data
-    import distmnist.train as train
+    import distmnist.training as train
     from distmnist.errors import DistmnistError
 
     real_load_mnist = data.load_mnist

@@ -138,7 +138,7 @@ def test_world_size_without_a_process_group_does_not_train_alone(data, tmp_path,
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "distmnist.train", "--data-dir", str(data), "--output-dir", str(out), "--epochs", "1",
-         "--dist-timeout", "3", *RECIPE],
+         "--setup-timeout", "3", *RECIPE],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env(**extra),
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -238,7 +238,7 @@ DRIVER = textwrap.dedent(
     start = time.monotonic()
     import json, sys
     import torchvision.datasets
-    from distmnist.train import main
+    from distmnist.training import main
     imported = time.monotonic()
 
     if sys.argv[1] != "-":

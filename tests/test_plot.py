@@ -80,7 +80,7 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path, capsys):
 
 
 def test_evaluate_mistakes_without_matplotlib_fails_before_any_work(monkeypatch, tmp_path, capsys):
-    from distmnist.evaluate import main as evaluate_main
+    from distmnist.evaluation import main as evaluate_main
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(SystemExit) as exit:

@@ -24,8 +24,8 @@ from distmnist.data import load_mnist
 from distmnist.digits import MAX_PIXELS, ImageTooLarge, mnist_digit, read_digit
 from distmnist.errors import DistmnistError
 from distmnist.model import Net
-from distmnist.predict import load_model, predict
-from distmnist.predict import main as predict_main
+from distmnist.prediction import load_model, predict
+from distmnist.prediction import main as predict_main
 
 _TRAINED: dict[str, Path] = {}  # one training run per test session
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, env, run_module, write_mnist
 from distmnist.checkpoint import load_checkpoint, write_checkpoint
-from distmnist.rundir import scan
+from distmnist.catalogue import scan
 
 RECIPE = ["--lr", "0.02", "--batch-size", "50", "--no-download", "--progress", "plain"]
 
@@ -210,13 +210,21 @@ def test_rerunning_a_finished_run_trains_nothing_and_rewrites_nothing(data, base
 # ---------------------------------------------------------------- item 1: order by what is recorded
 
 
-def relabel(src: Path, dst: Path, **state) -> Path:
-    """A copy of checkpoint src as a well-formed checkpoint at dst with some state fields changed."""
-    ckpt = load_checkpoint(src)
+def relabel(src: Path, dst: Path, epoch: int | None = None, run_id: str | None = None) -> Path:
+    """A copy of checkpoint src as a well-formed checkpoint at dst, moved to the end of ``epoch`` (with a
+    metrics record for every epoch before, as a real run would have) or given another run id."""
     from distmnist.checkpoint import unflatten_optimizer
-    optimizer = unflatten_optimizer(ckpt.optimizer, ckpt.state["optimizer_param_groups"])
-    fields = {k: v for k, v in ckpt.state.items() if k not in ("format", "optimizer_param_groups")}
-    return write_checkpoint(dst, ckpt.model, optimizer, ckpt.rng, {**fields, **state})
+
+    ckpt = load_checkpoint(src)
+    state = ckpt.state
+    optimizer = unflatten_optimizer(ckpt.optimizer, state.optimizer_param_groups)
+    if epoch is not None:
+        per_epoch, first = state.step // state.epoch, state.progress.metrics[0]
+        state.progress.metrics = [{**first, "epoch": e, "step": per_epoch * e} for e in range(1, epoch + 1)]
+        state.epoch, state.step = epoch, per_epoch * epoch
+    if run_id is not None:
+        state.run_id = run_id
+    return write_checkpoint(dst, ckpt.model, optimizer, ckpt.rng, state)
 
 
 def test_order_past_epoch_9999_and_pruning_never_takes_the_new_checkpoint(data, base, tmp_path):

@@ -30,12 +30,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import ROOT, env, stop_process
+from conftest import ROOT, checkpoint_state, env, stop_process
 from distmnist.checkpoint import save_weights, write_checkpoint
 from distmnist.data import load_mnist
 from distmnist.digits import read_digit
 from distmnist.model import Net, to_input
-from distmnist.rundir import checkpoint_name
+from distmnist.catalogue import checkpoint_name
 from distmnist.serve import main as serve_main
 from distmnist.serve.runview import read_epochs
 from test_predict import draw_seven, png_bomb, trained_run  # noqa: F401  (trained_run: a pytest fixture)
@@ -81,8 +81,8 @@ def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
 
 def add_checkpoint(run_dir: Path, epoch: int, seed: int) -> Path:
     weights, opt = trained_weights(seed)
-    state = {"epoch": epoch, "step": 10 * epoch, "world_size": 1, "config": {}, "metrics": [],
-             "versions": {"device": "test-cpu"}}
+    state = checkpoint_state(epoch=epoch, world=1, steps_per_epoch=10, config={})
+    state.versions = {"device": "test-cpu"}
     return write_checkpoint(checkpoint_dir(run_dir, epoch), weights, opt.state_dict(),
                             {"cpu": torch.get_rng_state()[None]}, state)
 

@@ -1,10 +1,11 @@
-"""Issue 9, items 1 and 2: a signal is a clean, exact stop. SIGTERM, SIGUSR1 and the first SIGINT make
+"""A signal is a clean, exact stop. SIGTERM, SIGUSR1 and the first SIGINT make
 every rank stop after the same step and save a mid-epoch checkpoint; the run exits 128 + the signal
 number with one line; `--resume auto` then ends bit-identical to an uninterrupted run, wherever the
 signal came (in a step, during evaluation, during a save). A second SIGINT aborts at once.
 
-The signals are real (kill(2)); a small driver only decides *when*: it wraps one distmnist function
-and sends the signal from there, so positions are exact and the tests are not timing games.
+The signals are real (kill(2)); a small driver (conftest.STOP_DRIVER) only decides *when*: it wraps
+one distmnist function and sends the signal from there, so positions are exact and the tests are
+not timing games.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import BIN, ROOT, distmnist_tracebacks, env, free_port, run_module, worker_exit, write_mnist
+from conftest import (BIN, ROOT, STOP_DRIVER as DRIVER, distmnist_tracebacks, env, free_port, run_module,
+                      worker_exit, write_mnist)
 from distmnist.checkpoint import load_checkpoint, verify
 
 pytestmark = pytest.mark.slow
@@ -31,51 +33,6 @@ N_TRAIN = 2000  # 200 steps of 10 per epoch on one process, 100 per rank on two
 BATCH = 10
 RECIPE = ["--batch-size", str(BATCH), "--lr", "0.02", "--progress", "plain", "--no-download", "--seed", "4"]
 EPOCHS = 3
-
-DRIVER = textwrap.dedent(
-    """
-    import os, signal, sys, time
-    import distmnist.checkpoint as checkpoint
-    import distmnist.engine as engine
-    from distmnist.train import main
-
-    where, at, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    sig = getattr(signal, name)
-    me = os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0")
-    calls = 0
-
-    def fire(pid):
-        print(f"FIRED {time.time():.3f}", file=sys.stderr, flush=True)
-        os.kill(pid, sig)
-        if where == "twice":
-            os.kill(pid, sig)
-
-    def wrap(owner, attr, before):
-        real = getattr(owner, attr)
-
-        def wrapper(*args, **kwargs):
-            global calls
-            calls += 1
-            hit = me and calls == at
-            if hit and before:
-                fire(os.getppid() if where == "launcher" else os.getpid())
-            result = real(*args, **kwargs)
-            if hit and not before:
-                fire(os.getppid() if where == "launcher" else os.getpid())
-            return result
-
-        setattr(owner, attr, wrapper)
-
-    if where in ("step", "launcher", "twice"):  # after the at-th training step of the run
-        wrap(engine.Engine, "_step", before=False)
-    elif where == "evaluate":  # as the at-th evaluation starts
-        wrap(engine.Engine, "evaluate", before=True)
-    elif where == "save":  # between two files of a checkpoint being written
-        wrap(checkpoint, "write_bytes", before=False)
-    main(sys.argv[4:])
-    """
-)
-
 
 def run(cmd: list[str], **extra_env: str) -> SimpleNamespace:
     """Run to the end; also how long it took from the signal to the exit."""
@@ -106,8 +63,9 @@ def two_ranks(where: str, at: int, sig: str, out: Path, data: Path, signal_rank:
 
 
 def resume(out: Path, data: Path, nproc: int = 1) -> SimpleNamespace:
-    args = ["-m", "distmnist.train", "--data-dir", str(data), "--output-dir", str(out), *RECIPE,
-            "--epochs", str(EPOCHS), "--resume", "auto"]
+    """What the stop line says to run: only where the run is; its recorded recipe (data folder included)
+    does the rest."""
+    args = ["-m", "distmnist.train", "--output-dir", str(out), "--resume", "auto"]
     if nproc == 1:
         return run([sys.executable, *args])
     return run([str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *args])
@@ -126,7 +84,8 @@ def assert_stopped(result: SimpleNamespace, out: Path, sig: str, code: int, torc
         assert result.rc == code, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith(f"distmnist: stopped by {sig}")]
     assert len(lines) == 1, result.stderr[-3000:]
-    assert "`--resume auto` continues" in lines[0]
+    command = f"--output-dir {out} --resume auto"
+    assert lines[0].endswith(f"continue with: distmnist train {command}" if not torchrun else command), lines[0]
     assert not distmnist_tracebacks(result.stderr), result.stderr[-3000:]
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert result.after_signal is not None and result.after_signal < 10
@@ -183,8 +142,8 @@ def test_a_signal_stops_exactly_and_resume_auto_is_bit_identical(data, reference
     assert checkpoints(out)[-1] == newest or newest in checkpoints(out), checkpoints(out)
     ckpt = load_checkpoint(out / "checkpoints" / newest)
     if "step" in newest:  # a mid-epoch checkpoint: its recorded step is not a multiple of the epoch's 200
-        assert ckpt.state["step"] % 200 != 0 and ckpt.mid_epoch["steps"] == 200
-        assert ckpt.progress["samples"].tolist() == [ckpt.mid_epoch["step"] * BATCH]
+        assert ckpt.state.step % 200 != 0 and ckpt.state.mid_epoch.steps == 200
+        assert ckpt.progress["samples"].tolist() == [ckpt.state.mid_epoch.step * BATCH]
     resumed = resume(out, data)
     assert resumed.rc == 0, resumed.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / newest}" in resumed.stdout
@@ -197,7 +156,8 @@ def test_a_second_sigint_aborts_at_once(data, reference, tmp_path):
     assert result.rc == 130, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("distmnist:")]
     assert lines == [f"distmnist: aborted by a second SIGINT in epoch 2; newest checkpoint "
-                     f"{out / 'checkpoints' / 'epoch-0001'}; `--resume auto` continues from it"], result.stderr
+                     f"{out / 'checkpoints' / 'epoch-0001'}; continue with: distmnist train --output-dir {out} "
+                     "--resume auto"], result.stderr
     assert not distmnist_tracebacks(result.stderr)
     assert checkpoints(out) == ["epoch-0001"]  # no mid-epoch save: it left at once
     assert resume(out, data).rc == 0
@@ -235,7 +195,7 @@ def test_two_ranks_stop_together_and_resume_exactly(data, reference, tmp_path, w
         assert worker_exit(result.stderr) == 143
     assert re.fullmatch(newest, checkpoints(out)[-1]), checkpoints(out)
     ckpt = load_checkpoint(out / "checkpoints" / checkpoints(out)[-1])
-    assert ckpt.mid_epoch["world_size"] == 2 and ckpt.progress["samples"].shape == (2,)
+    assert ckpt.state.data.world_size == 2 and ckpt.progress["samples"].shape == (2,)
     resumed = resume(out, data, nproc=2)
     assert resumed.rc == 0, resumed.stderr[-3000:]
     assert_same_as(reference[2], out)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT, idx_bytes, run_module, write_mnist
+from conftest import ROOT, checkpoint_state, idx_bytes, run_module, write_mnist
 from distmnist.checkpoint import write_checkpoint
 from distmnist.data import load_mnist
 from distmnist.model import Net, to_input
@@ -97,11 +97,16 @@ def test_checkpoint_state_describes_the_run(run):
     config = json.loads((run.out / "config.json").read_text())
     assert (config["epochs"], config["lr"], config["batch_size"], config["momentum"]) == (2, 0.02, 50, 0.9)
     state = json.loads((run.out / "checkpoints" / "epoch-0002" / "state.json").read_text())
-    assert (state["epoch"], state["step"], state["world_size"]) == (2, 24, 1)
+    assert state["format"] == "distmnist-checkpoint/2"
+    assert (state["epoch"], state["step"], state["data"]["world_size"], state["mid_epoch"]) == (2, 24, 1, None)
+    assert state["data"]["batch_size"] == 50 and state["data"]["global_batch_size"] is None
+    assert len(state["data"]["digest"]) == 64 and state["scaler"] is None
+    assert state["random"] == {"device": "cpu", "dropout": False}
+    assert state["schedule"]["kind"] == "constant" and state["schedule"]["total_steps"] == 24
     run_id = config.pop("run_id")
     assert state["config"] == config
     assert state["run_id"] == run_id == json.loads((run.out / "run.json").read_text())["run_id"]
-    assert state["metrics"] == run.metrics  # metrics so far, this epoch's included
+    assert state["progress"]["metrics"] == run.metrics  # metrics so far, this epoch's included
     rng = load_file(str(run.out / "checkpoints" / "epoch-0002" / "rng.safetensors"))
     assert rng["cpu"].shape[0] == 1 and rng["cpu"].dtype == torch.uint8  # one row per rank
 
@@ -235,7 +240,7 @@ def test_bad_idx_file_names_the_file(small_data, tmp_path, damage, message):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--epochs", "0"], "distmnist: error: --epochs must be >= 1, got 0"),
+        (["--epochs", "0"], "distmnist: error: --epochs must be between 1 and 1,000,000, got 0"),
         (["--momentum", "1.5"], "distmnist: error: --momentum must be in [0, 1), got 1.5"),
         (["--mixed-precision", "fp8"], "--mixed-precision: invalid choice: 'fp8'"),  # argparse's own message
         (["--mixed-precision", "fp16", "--cpu"], "distmnist: error: --mixed-precision fp16 needs a CUDA GPU"),
@@ -266,9 +271,9 @@ def foreign_checkpoint(folder: Path) -> Path:
     model = torch.nn.ModuleDict({"conv1": torch.nn.Conv2d(1, 10, 5), "conv2": torch.nn.Conv2d(10, 20, 5),
                                  "fc1": torch.nn.Linear(320, 50), "fc2": torch.nn.Linear(50, 10)})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    state = {"epoch": 1, "step": 2, "world_size": 1, "config": {}, "metrics": []}
     return write_checkpoint(folder, model.state_dict(), optimizer.state_dict(),
-                            {"cpu": torch.get_rng_state().unsqueeze(0)}, state)
+                            {"cpu": torch.get_rng_state().unsqueeze(0)},
+                            checkpoint_state("foreign", epoch=1, world=1, steps_per_epoch=2, config={}))
 
 
 def test_resume_from_another_architecture_names_the_file(small_data, tmp_path):

@@ -56,7 +56,7 @@ def read_epochs(path: Path) -> list[dict[str, Any]]:
 def plan(config: dict | None, summary: dict | None, served: Weights | None, epochs: list[dict]) -> dict[str, Any]:
     """World size, device and the recipe, from run.json when the run is done, else from its newest checkpoint."""
     config = config or {}
-    versions = (summary or {}).get("versions") or (served.state.get("versions") if served else None) or {}
+    versions = (summary or {}).get("versions") or (served.versions if served else None) or {}
     world = (summary or {}).get("world_size") or (epochs[-1].get("world_size") if epochs else None)
     batch = config.get("batch_size")
     return {

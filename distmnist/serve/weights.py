@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load_weights
-from ..rundir import newest_valid, read_config
+from ..catalogue import newest_valid, read_config
 from ..errors import DistmnistError
 from ..model import Net, to_input
 
@@ -33,7 +33,7 @@ class Weights:
     model: Net
     key: str  # SHA-256 of the weights: identifies them for the report cache
     epoch: int | None = None  # None for the final model.safetensors
-    state: dict[str, Any] = field(default_factory=dict)  # a checkpoint's state.json (versions, world size)
+    versions: dict[str, str] = field(default_factory=dict)  # a checkpoint's: what trained it (run.json's later)
 
     def describe(self, run_dir: Path) -> dict[str, Any]:
         return {"source": str(self.source.relative_to(run_dir)), "epoch": self.epoch, "key": self.key[:12]}
@@ -44,14 +44,14 @@ class Weights:
         return self.model(to_input(digits))
 
 
-def as_served(source: Path, tensors: dict[str, torch.Tensor], epoch: int | None, state: dict) -> Weights:
+def as_served(source: Path, tensors: dict[str, torch.Tensor], epoch: int | None, versions: dict) -> Weights:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
         digest.update(tensors[name].contiguous().numpy().tobytes())
     model = Net()
     model.load_state_dict(tensors)
-    return Weights(source, model.eval(), digest.hexdigest(), epoch, state)
+    return Weights(source, model.eval(), digest.hexdigest(), epoch, versions)
 
 
 def newest_weights(run_dir: Path, warn) -> Weights | None:
@@ -64,7 +64,7 @@ def newest_weights(run_dir: Path, warn) -> Weights | None:
         return as_served(final, load_weights(final), None, {})
     ckpt = newest_valid(run_dir, (read_config(run_dir) or {}).get("run_id"), warn)  # this run's own only
     if ckpt is not None:
-        return as_served(ckpt.path, ckpt.model, ckpt.epoch, ckpt.state)
+        return as_served(ckpt.path, ckpt.model, ckpt.epoch, ckpt.state.versions)
     if final.is_file():
         return as_served(final, load_weights(final), None, {})
     return None
