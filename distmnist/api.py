@@ -23,10 +23,11 @@ import json
 import multiprocessing
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from PIL import Image
 
 from . import stdio
 from .args import did_you_mean
+from .catalogue import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
 from .config import _coerce, request_from
 from .digits import MAX_PIXELS, MNIST_SIZE, mnist_digit, quiet_pillow_bomb_warning, read_digit
 from .errors import DistmnistError, RunFailed, RunStopped, leave_process_group
@@ -41,7 +43,6 @@ from .evaluation import EvalReport, evaluate_checkpoint
 from .prediction import Prediction, load_model
 from .prediction import predict as classify
 from .report import Mistake
-from .catalogue import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
 from .training import run_training
 
 __all__ = ["train", "evaluate", "predict", "load_run", "TrainResult", "EpochRecord", "EvalReport", "Prediction",
@@ -69,7 +70,7 @@ class EpochRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any], source: str = "metrics record") -> "EpochRecord":
+    def from_dict(cls, record: dict[str, Any], source: str = "metrics record") -> EpochRecord:
         names = [f.name for f in fields(cls) if f.name != "extra"]
         missing = [name for name in names if name not in record]
         if missing:

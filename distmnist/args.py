@@ -13,7 +13,8 @@ import argparse
 import difflib
 import re
 import sys
-from typing import Iterable, NoReturn, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 from .errors import EXIT_USAGE
 

@@ -26,9 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class Row:
     steady_seconds: float = field(init=False)  # median epoch after the first (warm-up)
     images_per_second: float = field(init=False)
 
-    def finish(self, images: int) -> "Row":
+    def finish(self, images: int) -> Row:
         later = self.epoch_seconds[1:] or self.epoch_seconds
         self.steady_seconds = statistics.median(later)
         self.images_per_second = images / self.steady_seconds

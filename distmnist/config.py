@@ -11,14 +11,14 @@ import dataclasses
 import math
 import numbers
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .args import ArgumentParser, did_you_mean
 from .errors import DistmnistError
 from .files import check_file
-
 
 MAX_SEED = 2**32 - 1  # torch takes 64-bit seeds, but seed + rank and seed + epoch must not overflow
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from rich import box
 from rich.console import Console as RichConsole
@@ -101,7 +102,7 @@ class _Tracked(_NoProgress):
 class _PlainProgress(_Tracked):
     """A timestamped line every `interval` seconds of the run, whichever epoch it falls in."""
 
-    def __init__(self, out: "Console", *args):
+    def __init__(self, out: Console, *args):
         super().__init__(out.clock, *args)
         self.out = out
 

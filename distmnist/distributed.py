@@ -18,9 +18,10 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -206,7 +207,7 @@ def set_collective_timeout(seconds: float) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     c10d = dist.distributed_c10d
-    setter = getattr(c10d, "set_timeout", None) or getattr(c10d, "_set_pg_timeout")
+    setter = getattr(c10d, "set_timeout", None) or c10d._set_pg_timeout
     setter(timedelta(seconds=seconds))
 
 

@@ -18,8 +18,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
 
 from . import stdio
 
@@ -147,7 +148,7 @@ class Signals:
         self.interrupted = False
         self.exit_code: int | None = None
 
-    def install(self) -> "Signals":
+    def install(self) -> Signals:
         if self.active:
             self.saved = {sig: signal.getsignal(sig) for sig in LATE_SIGNALS}
             signal.signal(signal.SIGINT, self._interrupt)

@@ -14,17 +14,19 @@ From Python, ``distmnist.evaluate(checkpoint, ...)`` returns the same numbers as
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from rich.console import Console as RichConsole
 
 from .args import ArgumentParser
+from .batches import eval_batches, eval_shard
+from .catalogue import is_run_folder, load_weights, read_config
 from .config import TrainConfig
 from .console import Console, resolve_mode
-from .batches import eval_batches, eval_shard
 from .data import load_data
 from .distributed import agree, make_accelerator, shutdown
 from .engine import Engine
@@ -32,10 +34,15 @@ from .errors import DistmnistError, cli
 from .files import check_file, write_json
 from .model import Net
 from .plot import mistakes_figure, require_matplotlib, save
-from .report import (Mistake, confusion_matrix, confusion_table, local_mistakes, per_class_accuracy, per_class_table,
-                     top_mistakes)
-from .catalogue import is_run_folder, load_weights, read_config
-
+from .report import (
+    Mistake,
+    confusion_matrix,
+    confusion_table,
+    local_mistakes,
+    per_class_accuracy,
+    per_class_table,
+    top_mistakes,
+)
 
 PRECISIONS = ("no", "fp16", "bf16")
 PROGRESS = ("auto", "rich", "plain", "none")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -22,11 +22,11 @@ from rich.console import Console as RichConsole
 from rich.table import Table
 
 from .args import ArgumentParser
+from .catalogue import load_weights
 from .digits import MAX_PIXELS, MNIST_SIZE, quiet_pillow_bomb_warning, read_digit
 from .errors import DistmnistError, cli
 from .files import check_file, check_folder, make_dirs, remedy
 from .model import Net, to_input
-from .catalogue import load_weights
 
 ENLARGE = 10  # --save-inputs also writes the 28 x 28 image this many times larger, pixels kept square
 

@@ -21,7 +21,6 @@ import torch
 
 from . import __version__
 from .checkpoint import nonfinite, save_weights, write_checkpoint
-from .config import TrainConfig
 from .distributed import disagreeing_ranks, gather_rng, on_main, tensors_digest
 from .errors import RunFailed
 from .rundir import RunFolder, Start, prune, prune_superseded

@@ -32,8 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalogue import (CHECKPOINTS, CONFIG, FINAL, BEST, LOCK, METRICS, RUN_FILES, SUMMARY, checkpoint_name,
-                        is_run_folder, newest_valid, read_config, recorded_run_id, scan)
+from .catalogue import (
+    BEST,
+    CHECKPOINTS,
+    CONFIG,
+    FINAL,
+    LOCK,
+    METRICS,
+    RUN_FILES,
+    SUMMARY,
+    checkpoint_name,
+    is_run_folder,
+    newest_valid,
+    read_config,
+    recorded_run_id,
+    scan,
+)
 from .checkpoint import Checkpoint, load_checkpoint, read_state
 from .config import Request, TrainConfig
 from .errors import DistmnistError
@@ -113,7 +127,7 @@ class RunFolder:
         self._lock_fd: int | None = None
         self._created: list[Path] = []  # folders this run made, deepest first: a start that fails removes them again
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         self.acquire()
         return self
 

@@ -54,7 +54,7 @@ class ScheduleSpec:
     min_lr: float = 0.0  # cosine: the floor
 
     @classmethod
-    def from_config(cls, cfg, steps_per_epoch: int, total_steps: int) -> "ScheduleSpec":
+    def from_config(cls, cfg, steps_per_epoch: int, total_steps: int) -> ScheduleSpec:
         """cfg: a TrainConfig; --lr-step-size 0 means one epoch."""
         return cls(cfg.lr_schedule, cfg.lr, total_steps, cfg.warmup_steps, cfg.lr_step_size or steps_per_epoch,
                    cfg.lr_gamma, cfg.min_lr)

@@ -40,7 +40,7 @@ class StopRequests:
 
     # ------------------------------------------------------------ this process
 
-    def install(self) -> "StopRequests":
+    def install(self) -> StopRequests:
         """Handle the signals (only the main thread can; elsewhere, e.g. in a notebook worker thread, no-op)."""
         if threading.current_thread() is threading.main_thread():
             for sig in HANDLED:
@@ -113,7 +113,7 @@ class SetupGuard:
         self._watcher: threading.Thread | None = None
         self._done = threading.Event()
 
-    def __enter__(self) -> "SetupGuard":
+    def __enter__(self) -> SetupGuard:
         if threading.current_thread() is threading.main_thread():
             read, write = os.pipe()
             os.set_blocking(write, False)

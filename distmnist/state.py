@@ -118,7 +118,7 @@ class TrainState:
         return {"format": FORMAT, **asdict(self)}
 
     @classmethod
-    def from_json(cls, raw: Any, source: Path) -> "TrainState":
+    def from_json(cls, raw: Any, source: Path) -> TrainState:
         """Checked and typed; format 1 migrated; anything else refused with one line naming the file."""
         if not isinstance(raw, dict):
             raise DistmnistError(f"{source}: expected a JSON object")

@@ -23,8 +23,9 @@ import os
 import shlex
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -35,8 +36,17 @@ from .checkpoint import save_weights
 from .config import Interval, Request, TrainConfig, checkpoint_interval, parse_request
 from .console import Console, Outputs, resolve_mode
 from .data import Split, load_data
-from .distributed import (collective_failure, launched_world_size, make_accelerator, on_main, set_collective_timeout,
-                          share_checkpoint, share_json, shutdown, start_processes, tensors_digest)
+from .distributed import (
+    collective_failure,
+    make_accelerator,
+    on_main,
+    set_collective_timeout,
+    share_checkpoint,
+    share_json,
+    shutdown,
+    start_processes,
+    tensors_digest,
+)
 from .engine import Carry, Engine, make_sgd, tune_for_device
 from .errors import DistmnistError, RunStopped, cli, signal_name
 from .masks import GlobalDropout
@@ -77,7 +87,7 @@ class Run:
     val_batches: list | None  # --val-size: this rank's share of the held-out training images
     carry: Carry | None  # an epoch interrupted in its middle, resumed at its exact step
     recorder: Recorder  # what the run writes as it goes (every rank calls, the main process writes)
-    periodic: "Periodic | None" = None  # --checkpoint-every
+    periodic: Periodic | None = None  # --checkpoint-every
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
 
     @property

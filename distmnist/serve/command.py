@@ -10,8 +10,9 @@ import os
 import socket
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..args import ArgumentParser
 from ..errors import DistmnistError, cli

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_weights
 from ..catalogue import newest_valid, read_config
+from ..checkpoint import load_weights
 from ..errors import DistmnistError
 from ..model import Net, to_input
 
