@@ -23,11 +23,11 @@ import json
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -100,14 +100,18 @@ class TrainResult:
         return self.history[-1] if self.history else None
 
 
-def checked(function):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def checked(function: Callable[P, R]) -> Callable[P, R]:
     """The API's argument check: a wrong call (an unknown keyword, a missing or extra argument) is a
     DistmnistError naming the function and what it most likely meant, as the command line does."""
     signature = inspect.signature(function)
     names = list(signature.parameters)
 
     @functools.wraps(function)
-    def call(*args, **kwargs):
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             signature.bind(*args, **kwargs)
         except TypeError as err:
@@ -116,10 +120,11 @@ def checked(function):
                 hint = did_you_mean(unknown[0], names)
                 raise DistmnistError(f"distmnist.{function.__name__}(): unknown argument '{unknown[0]}'{hint} (its "
                                      f"arguments: {', '.join(names)})") from None
-            raise DistmnistError(f"distmnist.{function.__name__}(): {err} (its arguments: {', '.join(names)})") from None
+            raise DistmnistError(f"distmnist.{function.__name__}(): {err} (its arguments: {', '.join(names)})") \
+                from None
         return function(*args, **kwargs)
 
-    call.__signature__ = signature  # type: ignore[attr-defined]
+    call.__signature__ = signature  # type: ignore[attr-defined]  # mypy knows no attributes set on a function
     return call
 
 
@@ -194,10 +199,10 @@ def train(**options: Any) -> TrainResult:
     Options are the flags' names in snake_case (``batch_size`` for ``--batch-size``) and ``config``
     (a YAML file, like ``--config``; the other options win over it). They are checked as the command
     line checks its flags, with the same messages, raised as DistmnistError. With ``resume``, the run
-    continues its recorded recipe and only the options passed here override it, as on the command line. The run writes the same
-    run folder (``output_dir``, default runs/mnist) and prints the same console (``progress``: auto,
-    rich, plain or none). Under several processes (torchrun, accelerate launch, notebook_launcher)
-    every process calls this and gets the same result.
+    continues its recorded recipe and only the options passed here override it, as on the command
+    line. The run writes the same run folder (``output_dir``, default runs/mnist) and prints the same
+    console (``progress``: auto, rich, plain or none). Under several processes (torchrun, accelerate
+    launch, notebook_launcher) every process calls this and gets the same result.
     """
     request = request_from(options)
     with one_run_at_a_time(), _session():

@@ -84,8 +84,8 @@ def check_launch() -> None:
                              "--nproc_per_node N")
     for name, value, what in UNSUPPORTED_LAUNCH:
         if os.environ.get(name, "").lower() == value:
-            raise DistmnistError(f"the launcher asks for {what} ({name}={os.environ[name]}); distmnist trains plain data "
-                                 "parallel (DDP): launch without it (accelerate config, or its flags)")
+            raise DistmnistError(f"the launcher asks for {what} ({name}={os.environ[name]}); distmnist trains plain "
+                                 "data parallel (DDP): launch without it (accelerate config, or its flags)")
     dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
     if dynamo.lower() not in ("no", ""):
         raise DistmnistError(f"the launcher asks for torch.compile (ACCELERATE_DYNAMO_BACKEND={dynamo}); distmnist "
@@ -193,7 +193,8 @@ def make_accelerator(cpu: bool, mixed_precision: str, log_with: str | None = Non
                               log_with=log_with, project_dir=project_dir)
     if accelerator.gradient_accumulation_steps != 1:
         raise DistmnistError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps) is not "
-                             "implemented: every batch is an optimizer step; use --global-batch-size for a larger batch")
+                             "implemented: every batch is an optimizer step; use --global-batch-size for a larger "
+                             "batch")
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise DistmnistError(f"{accelerator.distributed_type.value} is not supported: distmnist trains plain data "
                              "parallel (DDP)")
@@ -290,11 +291,11 @@ def share_checkpoint(accelerator, ckpt: Checkpoint | None) -> Checkpoint | None:
     if accelerator.num_processes == 1:
         return ckpt
     meta = share_json(accelerator, {"path": str(ckpt.path), "state": ckpt.state.to_json()} if ckpt else None)
-    tensors = None
+    blob = None
     if accelerator.is_main_process and ckpt is not None:
         groups = {g: getattr(ckpt, g) for g in CHECKPOINT_TENSORS}
-        tensors = save({f"{g}/{k}": v.contiguous() for g, part in groups.items() if part for k, v in part.items()})
-    tensors = load(broadcast_bytes(accelerator, tensors)) if meta is not None else {}
+        blob = save({f"{g}/{k}": v.contiguous() for g, part in groups.items() if part for k, v in part.items()})
+    tensors = load(broadcast_bytes(accelerator, blob)) if meta is not None else {}
     if meta is None:
         return None
     parts: dict[str, dict[str, torch.Tensor]] = {g: {} for g in CHECKPOINT_TENSORS}
@@ -367,11 +368,12 @@ def broadcast_bytes(accelerator, data: bytes | None) -> bytes:
     if accelerator.num_processes == 1:
         return data or b""
     main = accelerator.is_main_process
-    length = torch.tensor([len(data) if main else 0], dtype=torch.int64, device=accelerator.device)
-    length = int(broadcast(length, from_process=0).item())
+    payload = (data or b"") if main else b""
+    sent = torch.tensor([len(payload)], dtype=torch.int64, device=accelerator.device)
+    length = int(broadcast(sent, from_process=0).item())
     buf = torch.zeros(length, dtype=torch.uint8)
     if main and length:
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     return bytes(broadcast(buf.to(accelerator.device), from_process=0).cpu().tolist()) if length else b""
 
 
@@ -393,7 +395,8 @@ def agree(accelerator, error: DistmnistError | None) -> None:
     if not failed:
         return
     rank, first = failed[0]
-    if accelerator.process_index == rank and (accelerator.is_main_process or first["node"] != records[0]["node"]):
+    if (error is not None and accelerator.process_index == rank
+            and (accelerator.is_main_process or first["node"] != records[0]["node"])):
         raise error
     if accelerator.is_main_process:
         raise DistmnistError(f"rank {rank} on {first['host']}: {first['message']}", exit_code=first["code"])

@@ -55,7 +55,8 @@ def build_parser(prog: str = "distmnist evaluate") -> argparse.ArgumentParser:
                    help="a model.safetensors file, a checkpoint folder (verified against its manifest) or a run "
                    "folder (its model.safetensors, or its newest valid checkpoint) (required)")
     p.add_argument("--data-dir", metavar="DIR",
-                   help=f"MNIST folder (default: the run's own when --checkpoint is a run folder, else {defaults.data_dir})")
+                   help="MNIST folder (default: the run's own when --checkpoint is a run folder, else "
+                        f"{defaults.data_dir})")
     p.add_argument("--no-download", action="store_true", help="never download MNIST (default: False)")
     p.add_argument("--output-json", metavar="FILE", help="also write the results as JSON (default: none)")
     p.add_argument("--test-batch-size", type=int, default=defaults.test_batch_size,
@@ -201,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def write(report: EvalReport, console: Console) -> None:
         if args.mistakes:
+            assert report.mistakes is not None and report.mistake_images is not None  # asked for: mistakes >= 1
             save(mistakes_figure(report.mistake_images, report.mistakes), Path(args.mistakes), "--mistakes")
             console.print(f"wrote {args.mistakes} ({len(report.mistakes)} mistakes)")
         if args.output_json:

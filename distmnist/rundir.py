@@ -159,7 +159,8 @@ class RunFolder:
             os.close(fd)
             raise DistmnistError(
                 f"--output-dir {self.path}: cannot lock {LOCK} on this {filesystem_of(self.path)} file system "
-                f"({err.strerror or err}); use a folder on a local disk, NFSv4, or Lustre mounted with -o flock") from None
+                f"({err.strerror or err}); use a folder on a local disk, NFSv4, or Lustre mounted with -o flock"
+            ) from None
         except DistmnistError:
             os.close(fd)
             raise
@@ -169,6 +170,7 @@ class RunFolder:
         """Write who holds the lock (pid, host, run id, since) into the lock file, for the next comer's message."""
         info = json_text({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+        assert self._lock_fd is not None, "acquire() first"
         try:
             os.ftruncate(self._lock_fd, 0)
             os.pwrite(self._lock_fd, info, 0)
@@ -249,7 +251,8 @@ class RunFolder:
 
     def start(self, request: Request) -> Start:
         """Apply the folder rules to --resume / --overwrite / --epochs; see the module docstring."""
-        cfg, notices = request.cfg, []
+        cfg = request.cfg
+        notices: list[str] = []
         if cfg.overwrite and cfg.resume == "auto":
             raise DistmnistError("--overwrite deletes the run that --resume auto would continue: give one of them "
                                  "(--resume PATH --overwrite starts this folder over from another run's checkpoint)")

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .errors import EXIT_FAILURE, EXIT_SIGNAL_BASE
+from .errors import EXIT_FAILURE, EXIT_SIGNAL_BASE, SignalHandler
 
 CHECK_EVERY = 20  # steps between agreements with several processes; see the README's Speed section for its cost
 DIVERGED = 1000  # a code above every signal number: a diverged run stops without saving its weights
@@ -36,7 +36,7 @@ class StopRequests:
     def __init__(self, accelerator=None):
         self.accelerator = accelerator
         self.code = 0  # this process: 0, a signal number, or DIVERGED
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
 
     # ------------------------------------------------------------ this process
 
@@ -108,7 +108,7 @@ class SetupGuard:
         self.timeout_s, self.rank = timeout_s, rank
         self.phase = "starting"
         self._pipe: tuple[int, int] | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
         self._old_wakeup = -1
         self._watcher: threading.Thread | None = None
         self._done = threading.Event()

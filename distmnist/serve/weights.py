@@ -72,7 +72,7 @@ def newest_weights(run_dir: Path, warn) -> Weights | None:
 
 def fingerprint(run_dir: Path) -> tuple:
     """Changes whenever model.safetensors is written or a checkpoint folder appears, goes or is replaced."""
-    marks = []
+    marks: list[tuple[int, int, int] | None] = []
     for path in (run_dir / FINAL, run_dir / "checkpoints"):
         try:
             st = os.stat(path)
