@@ -38,6 +38,7 @@ from .args import did_you_mean
 from .catalogue import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
 from .config import _coerce, request_from
 from .digits import MAX_PIXELS, MNIST_SIZE, mnist_digit, quiet_pillow_bomb_warning, read_digit
+from .distributed import state_reset
 from .errors import DistmnistError, RunFailed, RunStopped, leave_process_group
 from .evaluation import EvalReport, evaluate_checkpoint
 from .prediction import Prediction, load_model
@@ -159,9 +160,7 @@ def _session() -> Iterator[None]:
     does). Afterwards Accelerate's process-wide state is cleared again if this call created it, so the
     next call may choose other settings (--cpu, --mixed-precision) and a later notebook_launcher still
     finds no Accelerator in the notebook's process."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    fresh = not PartialState._shared_state and not AcceleratorState._shared_state
+    reset = state_reset()  # None: the state was there before this call, and stays
     fork_safe_threads()
     restore_streams = stdio.guard()  # a closed stdout (a script piped to head) stops the output, not the run
     try:
@@ -171,9 +170,8 @@ def _session() -> Iterator[None]:
         raise
     finally:
         restore_streams()
-        if fresh:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+        if reset is not None:
+            reset()
 
 
 def fork_safe_threads() -> None:

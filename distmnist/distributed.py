@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import time
+import types
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -44,12 +45,52 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def accelerate_internal(owner: Any, name: str) -> Any:
+    """``owner.name``: a part of Accelerate that is not its public API, used where it has none; one line
+    naming the installed Accelerate if that version no longer has it (instead of an AttributeError)."""
+    value = getattr(owner, name, None)
+    if value is None:
+        import accelerate
+
+        where = owner.__name__ if isinstance(owner, types.ModuleType) else f"{owner.__module__}.{owner.__qualname__}"
+        raise DistmnistError(f"distmnist uses {where}.{name}, which accelerate {accelerate.__version__} does not "
+                             f"have: install an earlier accelerate (pip install 'accelerate<{accelerate.__version__}')")
+    return value
+
+
+def tracker_classes() -> dict[str, Any]:
+    """Accelerate's trackers by name, built-in and registered (register_tracker_class): its own lookup
+    table, as no public function lists them."""
+    import accelerate.tracking
+
+    return accelerate_internal(accelerate.tracking, "LOGGER_TYPE_TO_CLASS")
+
+
+def state_reset() -> Callable[[], None] | None:
+    """Where Accelerate's process-wide state (PartialState, AcceleratorState) is not set up yet: a function
+    that clears it again, with GradientState, for a caller that sets it up for a while; None where it
+    already is (someone else's, left alone). Accelerate has no public way to ask about PartialState or to
+    clear either, so those parts are its internals."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState, is_initialized
+
+    reset_accelerator = accelerate_internal(AcceleratorState, "_reset_state")
+    reset_gradient = accelerate_internal(GradientState, "_reset_state")
+    if is_initialized() or accelerate_internal(PartialState, "_shared_state"):
+        return None
+
+    def reset() -> None:
+        reset_accelerator(reset_partial_state=True)
+        reset_gradient()
+
+    return reset
+
+
 TRACKER_PACKAGES = {"comet_ml": "comet-ml"}  # pip names that differ from Accelerate's tracker names
 
 
 def check_tracker(name: str) -> None:
     """--log-with must name a tracker whose package is installed: Accelerate would silently drop it."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
     if name == "all":
@@ -60,7 +101,7 @@ def check_tracker(name: str) -> None:
         if LoggerType(name) not in get_available_trackers():
             package = TRACKER_PACKAGES.get(name, name)
             raise DistmnistError(f"--log-with {name}: the {package} package is not installed; pip install {package}")
-    elif name not in LOGGER_TYPE_TO_CLASS:  # also accepts trackers registered with register_tracker_class
+    elif name not in tracker_classes():  # also accepts trackers registered with register_tracker_class
         raise DistmnistError(f"--log-with: unknown tracker {name!r}; choose from {', '.join(LoggerType.list())}")
 
 
