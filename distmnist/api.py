@@ -23,10 +23,11 @@ import json
 import multiprocessing
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -34,14 +35,15 @@ from PIL import Image
 
 from . import stdio
 from .args import did_you_mean
+from .catalogue import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
 from .config import _coerce, request_from
 from .digits import MAX_PIXELS, MNIST_SIZE, mnist_digit, quiet_pillow_bomb_warning, read_digit
+from .distributed import state_reset
 from .errors import DistmnistError, RunFailed, RunStopped, leave_process_group
 from .evaluation import EvalReport, evaluate_checkpoint
 from .prediction import Prediction, load_model
 from .prediction import predict as classify
 from .report import Mistake
-from .catalogue import BEST, CONFIG, FINAL, METRICS, SUMMARY, read_config
 from .training import run_training
 
 __all__ = ["train", "evaluate", "predict", "load_run", "TrainResult", "EpochRecord", "EvalReport", "Prediction",
@@ -69,7 +71,7 @@ class EpochRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any], source: str = "metrics record") -> "EpochRecord":
+    def from_dict(cls, record: dict[str, Any], source: str = "metrics record") -> EpochRecord:
         names = [f.name for f in fields(cls) if f.name != "extra"]
         missing = [name for name in names if name not in record]
         if missing:
@@ -99,14 +101,18 @@ class TrainResult:
         return self.history[-1] if self.history else None
 
 
-def checked(function):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def checked(function: Callable[P, R]) -> Callable[P, R]:
     """The API's argument check: a wrong call (an unknown keyword, a missing or extra argument) is a
     DistmnistError naming the function and what it most likely meant, as the command line does."""
     signature = inspect.signature(function)
     names = list(signature.parameters)
 
     @functools.wraps(function)
-    def call(*args, **kwargs):
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             signature.bind(*args, **kwargs)
         except TypeError as err:
@@ -115,10 +121,11 @@ def checked(function):
                 hint = did_you_mean(unknown[0], names)
                 raise DistmnistError(f"distmnist.{function.__name__}(): unknown argument '{unknown[0]}'{hint} (its "
                                      f"arguments: {', '.join(names)})") from None
-            raise DistmnistError(f"distmnist.{function.__name__}(): {err} (its arguments: {', '.join(names)})") from None
+            raise DistmnistError(f"distmnist.{function.__name__}(): {err} (its arguments: {', '.join(names)})") \
+                from None
         return function(*args, **kwargs)
 
-    call.__signature__ = signature  # type: ignore[attr-defined]
+    call.__signature__ = signature  # type: ignore[attr-defined]  # mypy knows no attributes set on a function
     return call
 
 
@@ -153,9 +160,7 @@ def _session() -> Iterator[None]:
     does). Afterwards Accelerate's process-wide state is cleared again if this call created it, so the
     next call may choose other settings (--cpu, --mixed-precision) and a later notebook_launcher still
     finds no Accelerator in the notebook's process."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    fresh = not PartialState._shared_state and not AcceleratorState._shared_state
+    reset = state_reset()  # None: the state was there before this call, and stays
     fork_safe_threads()
     restore_streams = stdio.guard()  # a closed stdout (a script piped to head) stops the output, not the run
     try:
@@ -165,9 +170,8 @@ def _session() -> Iterator[None]:
         raise
     finally:
         restore_streams()
-        if fresh:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+        if reset is not None:
+            reset()
 
 
 def fork_safe_threads() -> None:
@@ -193,10 +197,10 @@ def train(**options: Any) -> TrainResult:
     Options are the flags' names in snake_case (``batch_size`` for ``--batch-size``) and ``config``
     (a YAML file, like ``--config``; the other options win over it). They are checked as the command
     line checks its flags, with the same messages, raised as DistmnistError. With ``resume``, the run
-    continues its recorded recipe and only the options passed here override it, as on the command line. The run writes the same
-    run folder (``output_dir``, default runs/mnist) and prints the same console (``progress``: auto,
-    rich, plain or none). Under several processes (torchrun, accelerate launch, notebook_launcher)
-    every process calls this and gets the same result.
+    continues its recorded recipe and only the options passed here override it, as on the command
+    line. The run writes the same run folder (``output_dir``, default runs/mnist) and prints the same
+    console (``progress``: auto, rich, plain or none). Under several processes (torchrun, accelerate
+    launch, notebook_launcher) every process calls this and gets the same result.
     """
     request = request_from(options)
     with one_run_at_a_time(), _session():

@@ -13,7 +13,8 @@ import argparse
 import difflib
 import re
 import sys
-from typing import Iterable, NoReturn, Sequence
+from collections.abc import Iterable
+from typing import Any, NoReturn
 
 from .errors import EXIT_USAGE
 
@@ -49,7 +50,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def flags(self) -> list[str]:
         return [s for action in self._actions for s in action.option_strings if s.startswith("--")]
 
-    def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):
+    def parse_known_args(self, args: Iterable[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:
         # unknown --flags first, so that a mistyped required flag is named as such, not as missing
         args = list(sys.argv[1:] if args is None else args)
         known = set(self.flags())

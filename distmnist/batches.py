@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -51,7 +51,9 @@ class TrainOrder:
         self.global_batch = global_batch
         self.batch_size = global_batch // world if global_batch else batch_size  # images per rank per full step
         self.data_key = data_key  # identifies the training images themselves (their digest, the split)
-        self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        # torch annotates the dataset as a Dataset; the sampler only takes its len()
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -159,4 +161,4 @@ def eval_batches(split: Split, world_size: int, rank: int, batch_size: int, devi
     """This rank's test images, each exactly once, in batches, on the device."""
     shard = eval_shard(len(split), world_size, rank)
     images, labels = split.images[shard].to(device), split.labels[shard].to(device)
-    return list(zip(images.split(batch_size), labels.split(batch_size)))
+    return list(zip(images.split(batch_size), labels.split(batch_size), strict=True))

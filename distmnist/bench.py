@@ -26,9 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class Row:
     steady_seconds: float = field(init=False)  # median epoch after the first (warm-up)
     images_per_second: float = field(init=False)
 
-    def finish(self, images: int) -> "Row":
+    def finish(self, images: int) -> Row:
         later = self.epoch_seconds[1:] or self.epoch_seconds
         self.steady_seconds = statistics.median(later)
         self.images_per_second = images / self.steady_seconds
@@ -119,8 +119,7 @@ def fast(name: str, accelerator, data_dir: Path, epochs: int, seed: int, graphs:
     train, test = load_mnist(data_dir, allow_download=False)
     device = accelerator.device
     torch.manual_seed(seed)
-    model = Net()
-    model = tune_for_device(model, device)
+    model = tune_for_device(Net(), device)
     optimizer = make_sgd(model, 0.01, 0.9, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     sampler = TrainOrder(len(train), 1, 0, seed, batch_size=100)
@@ -191,7 +190,7 @@ def stop_check_cost(data_dir: Path, cpu: bool, seed: int, epochs: int = 2, calls
     stop = StopRequests(accelerator)  # not installed: no signal is needed to time the agreement
     sampler.set_epoch(0)
     engine.train_epoch(batches)  # warm-up
-    seconds = {"without": [], "with": []}
+    seconds: dict[str, list[float]] = {"without": [], "with": []}
     for epoch in range(1, 2 * epochs + 1):  # alternate, so drift of the machine hits both alike
         variant = "with" if epoch % 2 else "without"
         engine.stop = stop if variant == "with" else None
@@ -229,7 +228,8 @@ def stop_check_in_fresh_processes(argv: Sequence[str], world: int) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data", metavar="DIR", help="local MNIST IDX files (default: %(default)s)")
-    p.add_argument("--tutorial-epochs", type=int, default=3, help="epochs of the tutorial pipeline (default: %(default)s)")
+    p.add_argument("--tutorial-epochs", type=int, default=3,
+                   help="epochs of the tutorial pipeline (default: %(default)s)")
     p.add_argument("--fast-epochs", type=int, default=5, help="epochs of each distmnist row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
     p.add_argument("--cpu", action="store_true", help="benchmark the CPU even if a GPU is present (default: False)")

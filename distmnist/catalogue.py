@@ -18,13 +18,15 @@ same listing. Checkpoints are ordered by the epoch and step recorded inside them
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, load_checkpoint, load_weights as load_weights_file, read_state
+from .checkpoint import Checkpoint, load_checkpoint, read_state
+from .checkpoint import load_weights as load_weights_file
 from .errors import DistmnistError
 from .state import TrainState
 

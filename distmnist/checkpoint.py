@@ -111,16 +111,14 @@ def check_weights(weights: dict[str, torch.Tensor], source: Path) -> None:
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
-        raise DistmnistError(
-            f"{source}: not a distmnist Net checkpoint (another architecture?): "
-            + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}", extra and f"unexpected {', '.join(extra)}"]))
-        )
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unexpected {', '.join(extra)}"] if extra else [])
+        raise DistmnistError(f"{source}: not a distmnist Net checkpoint (another architecture?): {'; '.join(problems)}")
     for key, (shape, dtype) in expected.items():
         t = weights[key]
         if tuple(t.shape) != shape or t.dtype != dtype:
-            raise DistmnistError(
-                f"{source}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} (another architecture?)"
-            )
+            raise DistmnistError(f"{source}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} "
+                                 "(another architecture?)")
     bad = nonfinite(weights)
     if bad:
         raise DistmnistError(f"{source}: weights are not finite (NaN or infinity in {', '.join(bad)}): the run that "
@@ -296,7 +294,8 @@ def write_checkpoint(
         tmp.mkdir(parents=True)
         for name, data in contents.items():
             write_bytes(tmp / name, data, atomic=False)
-        files = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in contents.items()}
+        files = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                 for name, data in contents.items()}
         write_bytes(tmp / MANIFEST, json_text({"format": FORMAT, "files": files}).encode(), atomic=False)
         fsync_path(tmp)
         if final.is_symlink() or final.is_file():
@@ -331,12 +330,14 @@ def verify(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, "distmnist-checkpoint/1"):
         raise DistmnistError(f"{manifest_path}: not a distmnist checkpoint manifest")
     if not isinstance(files, dict) or not all(
-        isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str) for m in files.values()
+        isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+        for m in files.values()
     ):
         raise DistmnistError(f"{manifest_path}: 'files' must map each file name to its bytes and sha256")
     for name in files:
         if name in ("", ".", "..", MANIFEST) or Path(name).name != name or "/" in name or "\\" in name:
-            raise DistmnistError(f"{manifest_path}: entry {name!r} is not a plain file name inside the checkpoint folder")
+            raise DistmnistError(f"{manifest_path}: entry {name!r} is not a plain file name inside the checkpoint "
+                                 "folder")
     entries = list(path.iterdir())
     links = sorted(p.name for p in entries if p.is_symlink())
     if links:

@@ -4,7 +4,7 @@ run, and how a duration reads (0:07, 1:02:03). The console (console.py) renders 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 MIN_ESTIMATE_S = 0.5  # no time estimate before the epoch has run this long (first steps are warm-up)
 

@@ -11,14 +11,14 @@ import dataclasses
 import math
 import numbers
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .args import ArgumentParser, did_you_mean
 from .errors import DistmnistError
 from .files import check_file
-
 
 MAX_SEED = 2**32 - 1  # torch takes 64-bit seeds, but seed + rank and seed + epoch must not overflow
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
@@ -168,7 +168,7 @@ class Interval:
     seconds: float | None = None
 
     def describe(self) -> str:
-        if self.steps:
+        if self.steps or self.seconds is None:
             return f"every {self.steps:,} steps"
         return f"every {self.seconds / 60:g} minutes"
 
@@ -271,7 +271,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DistmnistError(f"--config: {p} is not UTF-8 text (byte {err.start}: {raw_bytes[err.start]:#04x})") from None
+        raise DistmnistError(f"--config: {p} is not UTF-8 text (byte {err.start}: {raw_bytes[err.start]:#04x})") \
+            from None
     raw = _parse_yaml(text, f"--config: {p}") or {}
     if not isinstance(raw, dict):
         raise DistmnistError(f"--config: {p} must hold a mapping of option: value")
@@ -292,7 +293,8 @@ def build_parser(prog: str = "distmnist train") -> argparse.ArgumentParser:
         "or torchrun for several processes).",
         argument_default=argparse.SUPPRESS,  # only flags the user gave reach the namespace
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML file of options (snake_case keys); flags win (default: none)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML file of options (snake_case keys); flags win (default: none)")
     for name, f in FIELDS.items():
         kwargs: dict[str, Any] = {"help": f.metadata["help"] + f" (default: {f.default})"}
         kind = f.type if isinstance(f.type, str) else str(f.type)

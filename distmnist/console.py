@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from rich import box
 from rich.console import Console as RichConsole
@@ -101,8 +102,8 @@ class _Tracked(_NoProgress):
 class _PlainProgress(_Tracked):
     """A timestamped line every `interval` seconds of the run, whichever epoch it falls in."""
 
-    def __init__(self, out: "Console", *args):
-        super().__init__(out.clock, *args)
+    def __init__(self, out: Console, clock_: RunClock, *args):
+        super().__init__(clock_, *args)
         self.out = out
 
     def update(self, step: int, running_loss: Callable[[], float]) -> None:
@@ -257,12 +258,12 @@ class Console:
             return _NoProgress()
         if self.clock is None:
             self.clock = RunClock(epochs, self.now)
-        if self.mode == "rich":
+        if self.rich is not None:  # rich mode
             if not self.header_shown:
                 self.rich.print(Text(run_header(VALIDATION_COLUMNS if self.validation else COLUMNS), style="bold"))
                 self.header_shown = True
             return _RichProgress(self.rich, self.clock, epoch, epochs, steps, images_per_step, ranks=ranks)
-        return _PlainProgress(self, epoch, epochs, steps, images_per_step)
+        return _PlainProgress(self, self.clock, epoch, epochs, steps, images_per_step)
 
     def epoch_done(self, record: dict[str, Any], epochs: int) -> None:
         if not self.enabled:
@@ -329,7 +330,7 @@ def model_lines(layers: list[Layer]) -> list[str]:
     out = [f"{'layer':<8}  {'type':<10}  {'output shape':>14}  {'parameters':>10}"]
     for layer in layers:
         out.append(f"{layer.name:<8}  {layer.kind:<10}  {shape(layer.output_shape):>14}  {layer.parameters:>10,}")
-    out.append(f"{'total':<8}  {'':<10}  {'':>14}  {sum(l.parameters for l in layers):>10,}")
+    out.append(f"{'total':<8}  {'':<10}  {'':>14}  {sum(layer.parameters for layer in layers):>10,}")
     return out
 
 

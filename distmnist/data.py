@@ -46,10 +46,10 @@ class Split:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def head(self, n: int | None) -> "Split":
+    def head(self, n: int | None) -> Split:
         return self if n is None else Split(self.images[:n], self.labels[:n])
 
-    def to(self, device: torch.device) -> "Split":
+    def to(self, device: torch.device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
 
@@ -128,7 +128,7 @@ def _buffer(path: Path, size: int) -> torch.Tensor:
 
 def _read_into(fh, data: torch.Tensor) -> int:
     """Fill the uint8 tensor ``data`` from ``fh`` in chunks; how many bytes there were (at most its size)."""
-    view = memoryview(data.numpy())
+    view = data.numpy().data  # the tensor's bytes as a writable memoryview
     got = 0
     while got < len(view):
         n = fh.readinto(view[got : got + READ_CHUNK_BYTES])
@@ -162,6 +162,14 @@ def find_file(data_dir: Path, name: str) -> Path | None:
             if check_file(candidate, "MNIST file", advice="remove it or give another --data-dir") is not None:
                 return candidate
     return None
+
+
+def required_file(data_dir: Path, name: str) -> Path:
+    """find_file for a file that must be there (after the download)."""
+    path = find_file(data_dir, name)
+    if path is None:
+        raise DistmnistError(f"MNIST file {name} not found in {data_dir} (or {data_dir / 'MNIST' / 'raw'})")
+    return path
 
 
 def missing_files(data_dir: Path) -> list[str]:
@@ -268,7 +276,7 @@ def load_mnist(data_dir: str | Path, allow_download: bool = True) -> tuple[Split
         )
     if missing:
         download(data_dir)
-    train, test = (read_split(*(find_file(data_dir, n) for n in FILES[s])) for s in ("train", "test"))
+    train, test = (read_split(*(required_file(data_dir, n) for n in FILES[s])) for s in ("train", "test"))
     return train, test
 
 
@@ -298,6 +306,7 @@ def load_data(accelerator, data_dir: str | Path, no_download: bool, limit_train:
         except DistmnistError as err:
             error = err
     agree(accelerator, error)
+    assert splits is not None  # else this rank met an error, and agree() raised it
     train, test = splits[0].head(limit_train), splits[1].head(limit_test)
     digest = tensors_digest([train.images, train.labels, test.images, test.labels])
     different = disagreeing_ranks(accelerator, digest)

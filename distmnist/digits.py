@@ -14,9 +14,10 @@ dozen copies at full size that the steps below would make of it.
 from __future__ import annotations
 
 import math
+import os
 import warnings
-from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -78,8 +79,8 @@ def kinds(formats: Sequence[str] | None) -> str:
     return "PNG, JPEG, GIF, TIFF, ..." if formats is None else ", ".join(formats)
 
 
-def open_image(source: str | Path | BinaryIO, name: str, max_pixels: int = MAX_PIXELS,
-               formats: Sequence[str] | None = None) -> Image.Image:
+def open_image(source: str | os.PathLike[str] | BinaryIO, name: str, max_pixels: int = MAX_PIXELS,
+               formats: tuple[str, ...] | list[str] | None = None) -> Image.Image:
     """Open an image lazily: only its header is read, and its size is checked against ``max_pixels``.
     ``formats`` (Pillow's names: "PNG", "JPEG", ...) limits the decoders tried; None tries them all."""
     readable = kinds(formats)
@@ -217,17 +218,19 @@ def place(strokes: np.ndarray) -> torch.Tensor:
 
 def mnist_digit(image: Image.Image, name: str = "image", max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Any image of one digit (its first non-blank frame) -> uint8 (28, 28), white ink on black."""
-    count = 0
-    for count, frame in enumerate(frames(image, name, max_pixels), start=1):
+    count = 0  # frames looked at
+    for frame in frames(image, name, max_pixels):
+        count += 1
         strokes = ink(grey_levels(frame))
         if strokes is not None:
             return place(strokes)
-    what = "the image is a single flat colour" if count <= 1 else f"each of its first {count} frames is a single flat colour"
+    what = ("the image is a single flat colour" if count <= 1
+            else f"each of its first {count} frames is a single flat colour")
     raise NoDigit(f"{name}: no digit found ({what})")
 
 
-def read_digit(source: str | Path | BinaryIO, name: str | None = None, max_pixels: int = MAX_PIXELS,
-               formats: Sequence[str] | None = None) -> torch.Tensor:
+def read_digit(source: str | os.PathLike[str] | BinaryIO, name: str | None = None, max_pixels: int = MAX_PIXELS,
+               formats: tuple[str, ...] | list[str] | None = None) -> torch.Tensor:
     """An image file (a path or an open binary file) -> its MNIST digit; every problem names the file."""
     name = str(source) if name is None else name
     with open_image(source, name, max_pixels, formats) as image:

@@ -18,9 +18,11 @@ import os
 import secrets
 import socket
 import time
+import types
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,12 +45,52 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def accelerate_internal(owner: Any, name: str) -> Any:
+    """``owner.name``: a part of Accelerate that is not its public API, used where it has none; one line
+    naming the installed Accelerate if that version no longer has it (instead of an AttributeError)."""
+    value = getattr(owner, name, None)
+    if value is None:
+        import accelerate
+
+        where = owner.__name__ if isinstance(owner, types.ModuleType) else f"{owner.__module__}.{owner.__qualname__}"
+        raise DistmnistError(f"distmnist uses {where}.{name}, which accelerate {accelerate.__version__} does not "
+                             f"have: install an earlier accelerate (pip install 'accelerate<{accelerate.__version__}')")
+    return value
+
+
+def tracker_classes() -> dict[str, Any]:
+    """Accelerate's trackers by name, built-in and registered (register_tracker_class): its own lookup
+    table, as no public function lists them."""
+    import accelerate.tracking
+
+    return accelerate_internal(accelerate.tracking, "LOGGER_TYPE_TO_CLASS")
+
+
+def state_reset() -> Callable[[], None] | None:
+    """Where Accelerate's process-wide state (PartialState, AcceleratorState) is not set up yet: a function
+    that clears it again, with GradientState, for a caller that sets it up for a while; None where it
+    already is (someone else's, left alone). Accelerate has no public way to ask about PartialState or to
+    clear either, so those parts are its internals."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState, is_initialized
+
+    reset_accelerator = accelerate_internal(AcceleratorState, "_reset_state")
+    reset_gradient = accelerate_internal(GradientState, "_reset_state")
+    if is_initialized() or accelerate_internal(PartialState, "_shared_state"):
+        return None
+
+    def reset() -> None:
+        reset_accelerator(reset_partial_state=True)
+        reset_gradient()
+
+    return reset
+
+
 TRACKER_PACKAGES = {"comet_ml": "comet-ml"}  # pip names that differ from Accelerate's tracker names
 
 
 def check_tracker(name: str) -> None:
     """--log-with must name a tracker whose package is installed: Accelerate would silently drop it."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
     if name == "all":
@@ -59,7 +101,7 @@ def check_tracker(name: str) -> None:
         if LoggerType(name) not in get_available_trackers():
             package = TRACKER_PACKAGES.get(name, name)
             raise DistmnistError(f"--log-with {name}: the {package} package is not installed; pip install {package}")
-    elif name not in LOGGER_TYPE_TO_CLASS:  # also accepts trackers registered with register_tracker_class
+    elif name not in tracker_classes():  # also accepts trackers registered with register_tracker_class
         raise DistmnistError(f"--log-with: unknown tracker {name!r}; choose from {', '.join(LoggerType.list())}")
 
 
@@ -83,8 +125,8 @@ def check_launch() -> None:
                              "--nproc_per_node N")
     for name, value, what in UNSUPPORTED_LAUNCH:
         if os.environ.get(name, "").lower() == value:
-            raise DistmnistError(f"the launcher asks for {what} ({name}={os.environ[name]}); distmnist trains plain data "
-                                 "parallel (DDP): launch without it (accelerate config, or its flags)")
+            raise DistmnistError(f"the launcher asks for {what} ({name}={os.environ[name]}); distmnist trains plain "
+                                 "data parallel (DDP): launch without it (accelerate config, or its flags)")
     dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
     if dynamo.lower() not in ("no", ""):
         raise DistmnistError(f"the launcher asks for torch.compile (ACCELERATE_DYNAMO_BACKEND={dynamo}); distmnist "
@@ -192,7 +234,8 @@ def make_accelerator(cpu: bool, mixed_precision: str, log_with: str | None = Non
                               log_with=log_with, project_dir=project_dir)
     if accelerator.gradient_accumulation_steps != 1:
         raise DistmnistError(f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps) is not "
-                             "implemented: every batch is an optimizer step; use --global-batch-size for a larger batch")
+                             "implemented: every batch is an optimizer step; use --global-batch-size for a larger "
+                             "batch")
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise DistmnistError(f"{accelerator.distributed_type.value} is not supported: distmnist trains plain data "
                              "parallel (DDP)")
@@ -206,7 +249,7 @@ def set_collective_timeout(seconds: float) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     c10d = dist.distributed_c10d
-    setter = getattr(c10d, "set_timeout", None) or getattr(c10d, "_set_pg_timeout")
+    setter = getattr(c10d, "set_timeout", None) or c10d._set_pg_timeout
     setter(timedelta(seconds=seconds))
 
 
@@ -289,11 +332,11 @@ def share_checkpoint(accelerator, ckpt: Checkpoint | None) -> Checkpoint | None:
     if accelerator.num_processes == 1:
         return ckpt
     meta = share_json(accelerator, {"path": str(ckpt.path), "state": ckpt.state.to_json()} if ckpt else None)
-    tensors = None
+    blob = None
     if accelerator.is_main_process and ckpt is not None:
         groups = {g: getattr(ckpt, g) for g in CHECKPOINT_TENSORS}
-        tensors = save({f"{g}/{k}": v.contiguous() for g, part in groups.items() if part for k, v in part.items()})
-    tensors = load(broadcast_bytes(accelerator, tensors)) if meta is not None else {}
+        blob = save({f"{g}/{k}": v.contiguous() for g, part in groups.items() if part for k, v in part.items()})
+    tensors = load(broadcast_bytes(accelerator, blob)) if meta is not None else {}
     if meta is None:
         return None
     parts: dict[str, dict[str, torch.Tensor]] = {g: {} for g in CHECKPOINT_TENSORS}
@@ -366,11 +409,12 @@ def broadcast_bytes(accelerator, data: bytes | None) -> bytes:
     if accelerator.num_processes == 1:
         return data or b""
     main = accelerator.is_main_process
-    length = torch.tensor([len(data) if main else 0], dtype=torch.int64, device=accelerator.device)
-    length = int(broadcast(length, from_process=0).item())
+    payload = (data or b"") if main else b""
+    sent = torch.tensor([len(payload)], dtype=torch.int64, device=accelerator.device)
+    length = int(broadcast(sent, from_process=0).item())
     buf = torch.zeros(length, dtype=torch.uint8)
     if main and length:
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     return bytes(broadcast(buf.to(accelerator.device), from_process=0).cpu().tolist()) if length else b""
 
 
@@ -392,7 +436,8 @@ def agree(accelerator, error: DistmnistError | None) -> None:
     if not failed:
         return
     rank, first = failed[0]
-    if accelerator.process_index == rank and (accelerator.is_main_process or first["node"] != records[0]["node"]):
+    if (error is not None and accelerator.process_index == rank
+            and (accelerator.is_main_process or first["node"] != records[0]["node"])):
         raise error
     if accelerator.is_main_process:
         raise DistmnistError(f"rank {rank} on {first['host']}: {first['message']}", exit_code=first["code"])

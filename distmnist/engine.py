@@ -10,10 +10,12 @@ CUDA graph after a few real eager steps and replayed from then on; a short last 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,7 @@ class Engine:
             loss = F.nll_loss(self.model(to_input(images)), labels)
             total = None
         else:
+            assert self.step_images is not None  # set by train_epoch from the global batch's order
             self.accelerator.unwrap_model(self.model).drop2D.mask = self.dropout.rows(self.step_images)
             total = F.nll_loss(self.model(to_input(images)), labels, reduction="sum")
             loss = total * (self.accelerator.num_processes / self.step_images)
@@ -167,15 +170,16 @@ class Engine:
             self.step_losses.index_copy_(0, self.epoch_step, loss.float().reshape(1))
             self.epoch_step.add_(1)
 
-    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> torch.cuda.CUDAGraph:
         """Record one step with static buffers; nothing runs until the first replay."""
         self.static_images, self.static_labels = images.clone(), labels.clone()
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph = graph = torch.cuda.CUDAGraph()
         if self.dropout is not None:  # each replay advances the mask generator as an eager step would
-            self.graph.register_generator_state(self.dropout.generator)
+            graph.register_generator_state(self.dropout.generator)
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated from the graph's pool
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(graph):
             self._step(self.static_images, self.static_labels)
+        return graph
 
     def _graph_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """One training step on the CUDA-graph path; returns seconds spent capturing (0 mostly)."""
@@ -186,12 +190,12 @@ class Engine:
             return 0.0
         if self.graph is None and self.steps_done >= GRAPH_WARMUP_STEPS:
             start = time.perf_counter()
-            self._capture(images, labels)
+            graph = self._capture(images, labels)
             synchronize(self.device)
             seconds = time.perf_counter() - start
             self.static_images.copy_(images)
             self.static_labels.copy_(labels)
-            self.graph.replay()
+            graph.replay()
             return seconds
         if self.graph is None:
             # warm-up steps are real steps, run on a side stream as capture requires
@@ -245,7 +249,7 @@ class Engine:
             steps += 1
             self.steps_done += 1
             if progress is not None:
-                progress.update(steps, lambda n=self.samples: self.running_loss(n))
+                progress.update(steps, functools.partial(self.running_loss, self.samples))
             if self.stop is not None and (single or steps % CHECK_EVERY == 0) and steps < len(batches):
                 due = self.checkpoints is not None and self.checkpoints.time_due()
                 stop, save = self.stop.agreed_with(due)  # outside any CUDA graph: between replays

@@ -18,8 +18,10 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NoReturn, Sequence
+from types import FrameType
+from typing import Any, NoReturn, TypeAlias
 
 from . import stdio
 
@@ -28,6 +30,10 @@ EXIT_USAGE = 2  # bad input
 EXIT_SIGNAL_BASE = 128  # + the signal number, as shells report a death by signal
 EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT  # 130, Ctrl-C
 LATE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # the stop requests (signals.py) a command outlives
+
+# what signal.getsignal() and signal.signal() return: a Python function, SIG_DFL / SIG_IGN, or None for a
+# handler set outside Python
+SignalHandler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class DistmnistError(Exception):
@@ -142,12 +148,12 @@ class Signals:
 
     def __init__(self):
         self.active = threading.current_thread() is threading.main_thread()  # only it may set handlers
-        self.saved: dict[int, object] = {}
+        self.saved: dict[int, SignalHandler] = {}
         self.closing = False
         self.interrupted = False
         self.exit_code: int | None = None
 
-    def install(self) -> "Signals":
+    def install(self) -> Signals:
         if self.active:
             self.saved = {sig: signal.getsignal(sig) for sig in LATE_SIGNALS}
             signal.signal(signal.SIGINT, self._interrupt)
@@ -184,7 +190,7 @@ def exit_process(code: int) -> NoReturn:
     # the interpreter's own exit steps, in its order: threading's exit hooks (they stop idle executor
     # workers) and the join of non-daemon threads, then the atexit callbacks (logging, multiprocessing,
     # trackers)
-    threading._shutdown()
+    threading._shutdown()  # type: ignore[attr-defined]  # typeshed leaves out this private hook of CPython's exit
     atexit._run_exitfuncs()
     stdio.flush()
     os._exit(code)
@@ -220,6 +226,7 @@ def cli(main: Callable[[Sequence[str] | None], int | None]) -> Callable[..., int
         signals.close()  # again, in case the Ctrl-C above cut the first call short; none can come now
         end = ending(outcome)
         if end is None:
+            assert isinstance(outcome, BaseException)  # ending() has an Ending for every exit code
             signals.restore()
             restore_streams()
             raise outcome

@@ -14,17 +14,19 @@ From Python, ``distmnist.evaluate(checkpoint, ...)`` returns the same numbers as
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from rich.console import Console as RichConsole
 
 from .args import ArgumentParser
+from .batches import eval_batches, eval_shard
+from .catalogue import is_run_folder, load_weights, read_config
 from .config import TrainConfig
 from .console import Console, resolve_mode
-from .batches import eval_batches, eval_shard
 from .data import load_data
 from .distributed import agree, make_accelerator, shutdown
 from .engine import Engine
@@ -32,10 +34,15 @@ from .errors import DistmnistError, cli
 from .files import check_file, write_json
 from .model import Net
 from .plot import mistakes_figure, require_matplotlib, save
-from .report import (Mistake, confusion_matrix, confusion_table, local_mistakes, per_class_accuracy, per_class_table,
-                     top_mistakes)
-from .catalogue import is_run_folder, load_weights, read_config
-
+from .report import (
+    Mistake,
+    confusion_matrix,
+    confusion_table,
+    local_mistakes,
+    per_class_accuracy,
+    per_class_table,
+    top_mistakes,
+)
 
 PRECISIONS = ("no", "fp16", "bf16")
 PROGRESS = ("auto", "rich", "plain", "none")
@@ -48,7 +55,8 @@ def build_parser(prog: str = "distmnist evaluate") -> argparse.ArgumentParser:
                    help="a model.safetensors file, a checkpoint folder (verified against its manifest) or a run "
                    "folder (its model.safetensors, or its newest valid checkpoint) (required)")
     p.add_argument("--data-dir", metavar="DIR",
-                   help=f"MNIST folder (default: the run's own when --checkpoint is a run folder, else {defaults.data_dir})")
+                   help="MNIST folder (default: the run's own when --checkpoint is a run folder, else "
+                        f"{defaults.data_dir})")
     p.add_argument("--no-download", action="store_true", help="never download MNIST (default: False)")
     p.add_argument("--output-json", metavar="FILE", help="also write the results as JSON (default: none)")
     p.add_argument("--test-batch-size", type=int, default=defaults.test_batch_size,
@@ -194,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def write(report: EvalReport, console: Console) -> None:
         if args.mistakes:
+            assert report.mistakes is not None and report.mistake_images is not None  # asked for: mistakes >= 1
             save(mistakes_figure(report.mistake_images, report.mistakes), Path(args.mistakes), "--mistakes")
             console.print(f"wrote {args.mistakes} ({len(report.mistakes)} mistakes)")
         if args.output_json:

@@ -15,8 +15,9 @@ import argparse
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -161,7 +162,7 @@ def mistakes_figure(images: torch.Tensor, mistakes: list[Mistake]):
     rows = max(1, math.ceil(len(mistakes) / cols))
     fig = figure(1.25 * cols, 1.45 * rows + 0.4)
     fig.suptitle("most confident mistakes" if mistakes else "no mistakes")
-    for i, (image, m) in enumerate(zip(images, mistakes)):
+    for i, (image, m) in enumerate(zip(images, mistakes, strict=True)):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(image.cpu().numpy(), cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(f"true {m.label}, said {m.predicted}\n{100 * m.confidence:.1f}% sure", fontsize=8)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -22,11 +22,11 @@ from rich.console import Console as RichConsole
 from rich.table import Table
 
 from .args import ArgumentParser
+from .catalogue import load_weights
 from .digits import MAX_PIXELS, MNIST_SIZE, quiet_pillow_bomb_warning, read_digit
 from .errors import DistmnistError, cli
 from .files import check_file, check_folder, make_dirs, remedy
 from .model import Net, to_input
-from .catalogue import load_weights
 
 ENLARGE = 10  # --save-inputs also writes the 28 x 28 image this many times larger, pixels kept square
 
@@ -56,7 +56,7 @@ def load_model(checkpoint: str | Path) -> Net:
 def predict(model: Net, digits: torch.Tensor, files: Sequence[str]) -> list[Prediction]:
     """Classify uint8 digits (n, 28, 28) with a model in eval mode."""
     probabilities = model(to_input(digits)).exp()
-    return [Prediction(str(f), int(p.argmax()), p.tolist()) for f, p in zip(files, probabilities)]
+    return [Prediction(str(f), int(p.argmax()), p.tolist()) for f, p in zip(files, probabilities, strict=True)]
 
 
 def save_inputs(out: Path, files: Sequence[str], digits: torch.Tensor) -> list[Path]:
@@ -65,7 +65,7 @@ def save_inputs(out: Path, files: Sequence[str], digits: torch.Tensor) -> list[P
     make_dirs(out, "--save-inputs")
     big = MNIST_SIZE * ENLARGE
     written = []
-    for path, digit in zip(files, digits):
+    for path, digit in zip(files, digits, strict=True):
         small = Image.fromarray(digit.numpy())
         images = (small, small.resize((big, big), Image.Resampling.NEAREST))
         stem = Path(path).stem
@@ -85,7 +85,7 @@ def create_pngs(targets: list[Path], images: Sequence[Image.Image]) -> bool:
     writing there at the same time); False if a name is taken. Nothing is left of a failed try."""
     created: list[Path] = []
     try:
-        for target, image in zip(targets, images):
+        for target, image in zip(targets, images, strict=True):
             with open(target, "xb") as fh:
                 created.append(target)
                 image.save(fh, format="PNG")
@@ -117,7 +117,8 @@ def table(predictions: list[Prediction], k: int) -> Table:
 
 def build_parser(prog: str = "distmnist predict") -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog=prog, description="Classify images of handwritten digits (PNG, JPEG, GIF, TIFF, any size, either polarity).")
+        prog=prog,
+        description="Classify images of handwritten digits (PNG, JPEG, GIF, TIFF, any size, either polarity).")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a model.safetensors file, a checkpoint folder (verified against its manifest) or a run "

@@ -21,7 +21,6 @@ import torch
 
 from . import __version__
 from .checkpoint import nonfinite, save_weights, write_checkpoint
-from .config import TrainConfig
 from .distributed import disagreeing_ranks, gather_rng, on_main, tensors_digest
 from .errors import RunFailed
 from .rundir import RunFolder, Start, prune, prune_superseded
@@ -132,7 +131,8 @@ class Recorder:
         weights, optimizer = self._checked_state(progress, f"at epoch {position.epoch} step {position.step}")
         rng = gather_rng(accelerator, self._dropout_generator())
         sums = accelerator.gather(position.loss_sum.float().reshape(1)).cpu()
-        counts = accelerator.gather(torch.tensor([position.samples], dtype=torch.int64, device=accelerator.device)).cpu()
+        samples = torch.tensor([position.samples], dtype=torch.int64, device=accelerator.device)
+        counts = accelerator.gather(samples).cpu()
         state = self.state(progress, position.epoch, MidEpoch(position.step, position.steps, position.train_seconds))
 
         def write(folder: RunFolder) -> None:

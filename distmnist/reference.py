@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from .cli import COMMANDS
 

@@ -35,7 +35,7 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
     """Fraction of each true digit's images predicted correctly; None for a digit with no images."""
     totals = confusion.sum(dim=1).tolist()
     hits = confusion.diagonal().tolist()
-    return [h / n if n else None for h, n in zip(hits, totals)]
+    return [h / n if n else None for h, n in zip(hits, totals, strict=True)]
 
 
 def local_mistakes(log_probs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,7 +70,7 @@ def per_class_table(confusion: torch.Tensor) -> Table:
     table = Table(title="per-class accuracy")
     for col in ("digit", "images", "correct", "accuracy"):
         table.add_column(col, justify="right")
-    for digit, (row, acc) in enumerate(zip(confusion.tolist(), accuracy)):
+    for digit, (row, acc) in enumerate(zip(confusion.tolist(), accuracy, strict=True)):
         table.add_row(str(digit), str(sum(row)), str(row[digit]), "-" if acc is None else f"{100 * acc:.2f}%")
     return table
 

@@ -35,7 +35,8 @@ def load_training_state(ckpt: Checkpoint, cfg: TrainConfig, accelerator, model, 
         scaler.load_state_dict(ckpt.state.scaler)
     elif scaler is not None:
         notices.append(f"the checkpoint holds no fp16 loss scale (it was trained with --mixed-precision "
-                       f"{ckpt.state.config.get('mixed_precision', 'no')}): the scale starts over at {scaler.get_scale():g}")
+                       f"{ckpt.state.config.get('mixed_precision', 'no')}): the scale starts over at "
+                       f"{scaler.get_scale():g}")
     notices += restore_rng(accelerator, ckpt.rng, ckpt.state.random.device, cfg.seed, ckpt.state.step,
                            dropout_from_them=cfg.global_batch_size is None)
     return notices

@@ -32,8 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalogue import (CHECKPOINTS, CONFIG, FINAL, BEST, LOCK, METRICS, RUN_FILES, SUMMARY, checkpoint_name,
-                        is_run_folder, newest_valid, read_config, recorded_run_id, scan)
+from .catalogue import (
+    BEST,
+    CHECKPOINTS,
+    CONFIG,
+    FINAL,
+    LOCK,
+    METRICS,
+    RUN_FILES,
+    SUMMARY,
+    checkpoint_name,
+    is_run_folder,
+    newest_valid,
+    read_config,
+    recorded_run_id,
+    scan,
+)
 from .checkpoint import Checkpoint, load_checkpoint, read_state
 from .config import Request, TrainConfig
 from .errors import DistmnistError
@@ -113,7 +127,7 @@ class RunFolder:
         self._lock_fd: int | None = None
         self._created: list[Path] = []  # folders this run made, deepest first: a start that fails removes them again
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         self.acquire()
         return self
 
@@ -145,7 +159,8 @@ class RunFolder:
             os.close(fd)
             raise DistmnistError(
                 f"--output-dir {self.path}: cannot lock {LOCK} on this {filesystem_of(self.path)} file system "
-                f"({err.strerror or err}); use a folder on a local disk, NFSv4, or Lustre mounted with -o flock") from None
+                f"({err.strerror or err}); use a folder on a local disk, NFSv4, or Lustre mounted with -o flock"
+            ) from None
         except DistmnistError:
             os.close(fd)
             raise
@@ -155,6 +170,7 @@ class RunFolder:
         """Write who holds the lock (pid, host, run id, since) into the lock file, for the next comer's message."""
         info = json_text({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+        assert self._lock_fd is not None, "acquire() first"
         try:
             os.ftruncate(self._lock_fd, 0)
             os.pwrite(self._lock_fd, info, 0)
@@ -235,7 +251,8 @@ class RunFolder:
 
     def start(self, request: Request) -> Start:
         """Apply the folder rules to --resume / --overwrite / --epochs; see the module docstring."""
-        cfg, notices = request.cfg, []
+        cfg = request.cfg
+        notices: list[str] = []
         if cfg.overwrite and cfg.resume == "auto":
             raise DistmnistError("--overwrite deletes the run that --resume auto would continue: give one of them "
                                  "(--resume PATH --overwrite starts this folder over from another run's checkpoint)")

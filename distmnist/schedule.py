@@ -54,7 +54,7 @@ class ScheduleSpec:
     min_lr: float = 0.0  # cosine: the floor
 
     @classmethod
-    def from_config(cls, cfg, steps_per_epoch: int, total_steps: int) -> "ScheduleSpec":
+    def from_config(cls, cfg, steps_per_epoch: int, total_steps: int) -> ScheduleSpec:
         """cfg: a TrainConfig; --lr-step-size 0 means one epoch."""
         return cls(cfg.lr_schedule, cfg.lr, total_steps, cfg.warmup_steps, cfg.lr_step_size or steps_per_epoch,
                    cfg.lr_gamma, cfg.min_lr)
@@ -82,7 +82,8 @@ class ScheduleSpec:
         if self.kind == "constant":
             lr = torch.full_like(t, self.lr)
         elif self.kind == "step":
-            lr = self.lr * torch.pow(torch.full_like(t, self.gamma), torch.div(s, self.step_size, rounding_mode="floor"))
+            decays = torch.div(s, self.step_size, rounding_mode="floor")
+            lr = self.lr * torch.pow(torch.full_like(t, self.gamma), decays)
         else:  # cosine
             span = self.total_steps - w
             lr = self.min_lr + (self.lr - self.min_lr) * (1 + torch.cos(math.pi * s.clamp(max=span) / span)) / 2
@@ -119,7 +120,8 @@ class ScheduleSpec:
         if self.kind == "cosine":
             return f"cosine {self.lr:g} -> {self.min_lr:g} over {self.total_steps:,} steps{warm}"
         rise = (f"{self.warmup_steps:,} of" if self.warmup_steps else f"{ONECYCLE_PCT_START:.0%} of")
-        return (f"onecycle {self.lr / ONECYCLE_DIV:.3g} -> {self.lr:g} -> {self.lr / ONECYCLE_DIV / ONECYCLE_FINAL_DIV:.2g}, "
+        final = self.lr / ONECYCLE_DIV / ONECYCLE_FINAL_DIV
+        return (f"onecycle {self.lr / ONECYCLE_DIV:.3g} -> {self.lr:g} -> {final:.2g}, "
                 f"rising over {rise} {self.total_steps:,} steps")
 
 

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .errors import EXIT_FAILURE, EXIT_SIGNAL_BASE
+from .errors import EXIT_FAILURE, EXIT_SIGNAL_BASE, SignalHandler
 
 CHECK_EVERY = 20  # steps between agreements with several processes; see the README's Speed section for its cost
 DIVERGED = 1000  # a code above every signal number: a diverged run stops without saving its weights
@@ -36,11 +36,11 @@ class StopRequests:
     def __init__(self, accelerator=None):
         self.accelerator = accelerator
         self.code = 0  # this process: 0, a signal number, or DIVERGED
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
 
     # ------------------------------------------------------------ this process
 
-    def install(self) -> "StopRequests":
+    def install(self) -> StopRequests:
         """Handle the signals (only the main thread can; elsewhere, e.g. in a notebook worker thread, no-op)."""
         if threading.current_thread() is threading.main_thread():
             for sig in HANDLED:
@@ -108,12 +108,12 @@ class SetupGuard:
         self.timeout_s, self.rank = timeout_s, rank
         self.phase = "starting"
         self._pipe: tuple[int, int] | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
         self._old_wakeup = -1
         self._watcher: threading.Thread | None = None
         self._done = threading.Event()
 
-    def __enter__(self) -> "SetupGuard":
+    def __enter__(self) -> SetupGuard:
         if threading.current_thread() is threading.main_thread():
             read, write = os.pipe()
             os.set_blocking(write, False)

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import DistmnistError
 
@@ -118,7 +119,7 @@ class TrainState:
         return {"format": FORMAT, **asdict(self)}
 
     @classmethod
-    def from_json(cls, raw: Any, source: Path) -> "TrainState":
+    def from_json(cls, raw: Any, source: Path) -> TrainState:
         """Checked and typed; format 1 migrated; anything else refused with one line naming the file."""
         if not isinstance(raw, dict):
             raise DistmnistError(f"{source}: expected a JSON object")
@@ -134,11 +135,11 @@ class TrainState:
 # ---------------------------------------------------------------- reading
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -149,13 +150,15 @@ def _int(obj: dict, key: str, source: Path, low: int, high: int, where: str = ""
     return value
 
 
-def _dict(obj: dict, key: str, source: Path, optional: bool = False) -> dict[str, Any] | None:
+def _dict(obj: dict, key: str, source: Path) -> dict[str, Any]:
     value = obj.get(key)
-    if value is None and optional:
-        return None
     if not isinstance(value, dict):
         raise DistmnistError(f"{source}: '{key}' must be a JSON object")
     return value
+
+
+def _optional_dict(obj: dict, key: str, source: Path) -> dict[str, Any] | None:
+    return None if obj.get(key) is None else _dict(obj, key, source)
 
 
 def _parse(raw: dict[str, Any], source: Path) -> TrainState:
@@ -167,14 +170,14 @@ def _parse(raw: dict[str, Any], source: Path) -> TrainState:
         epoch=_int(raw, "epoch", source, 1, MAX_EPOCH),
         step=_int(raw, "step", source, 0, MAX_STEP),
         data=_data(_dict(raw, "data", source), source),
-        mid_epoch=_mid_epoch(_dict(raw, "mid_epoch", source, optional=True), source),
+        mid_epoch=_mid_epoch(_optional_dict(raw, "mid_epoch", source), source),
         progress=_progress(_dict(raw, "progress", source), source),
         random=_random(_dict(raw, "random", source), source),
-        scaler=_scaler(_dict(raw, "scaler", source, optional=True), source),
-        schedule=_dict(raw, "schedule", source, optional=True) or {},
+        scaler=_scaler(_optional_dict(raw, "scaler", source), source),
+        schedule=_optional_dict(raw, "schedule", source) or {},
         config=_dict(raw, "config", source) or {},
         config_history=_config_history(raw.get("config_history"), source),
-        versions={str(k): str(v) for k, v in (_dict(raw, "versions", source, optional=True) or {}).items()},
+        versions={str(k): str(v) for k, v in (_optional_dict(raw, "versions", source) or {}).items()},
         optimizer_param_groups=_param_groups(raw.get("optimizer_param_groups"), source),
     )
     _check_position(state, source)
@@ -286,16 +289,18 @@ def _check_position(state: TrainState, source: Path) -> None:
     metrics = state.progress.metrics
     epochs = [int(r["epoch"]) for r in metrics]
     if epochs != list(range(1, len(metrics) + 1)):
-        raise DistmnistError(f"{source}: the metrics records are epochs {epochs[:5]}..., expected 1, 2, 3, ... in order")
+        raise DistmnistError(f"{source}: the metrics records are epochs {epochs[:5]}..., expected 1, 2, 3, ... in "
+                             "order")
     steps = [0] + [int(r["step"]) for r in metrics]
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+    if any(b <= a for a, b in pairwise(steps)):
         raise DistmnistError(f"{source}: the metrics records' steps do not grow from epoch to epoch")
     if len(metrics) != state.epochs_done:
         raise DistmnistError(f"{source}: {len(metrics)} metrics record(s) for a checkpoint after {state.epochs_done} "
                              "finished epoch(s)")
     expected = steps[-1] + (state.mid_epoch.step if state.mid_epoch else 0)
     if state.step != expected:
-        where = f"epoch {state.epoch} step {state.mid_epoch.step}" if state.mid_epoch else f"the end of epoch {state.epoch}"
+        where = (f"epoch {state.epoch} step {state.mid_epoch.step}" if state.mid_epoch
+                 else f"the end of epoch {state.epoch}")
         raise DistmnistError(f"{source}: 'step' {state.step:,} does not agree with its position ({where} is "
                              f"optimizer step {expected:,} by the metrics records)")
     if state.progress.best is not None and not 1 <= state.progress.best["epoch"] <= max(state.epochs_done, 1):
@@ -309,7 +314,8 @@ def _check_position(state: TrainState, source: Path) -> None:
 def migrate_v1(raw: dict[str, Any], source: Path) -> dict[str, Any]:
     """Format 1 laid out as format 2. Its data order is described by its config (no digest: a resume
     compares the settings instead); it had no global batch, no scaler state and no dropout generator."""
-    config = raw.get("config") if isinstance(raw.get("config"), dict) else {}
+    recorded = raw.get("config")
+    config: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     mid = raw.get("mid_epoch")
     world = raw.get("world_size", mid.get("world_size") if isinstance(mid, dict) else 1)
     batch = mid.get("batch_size") if isinstance(mid, dict) else config.get("batch_size", 100)

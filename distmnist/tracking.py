@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .distributed import tracker_classes
 from .schedule import ScheduleSpec
 
 PROJECT = "distmnist"  # the project of trackers that are not file-based
@@ -37,9 +38,7 @@ def logs_dir(output_dir: str | Path) -> Path:
 
 
 def file_based(name: str) -> bool:
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    tracker = LOGGER_TYPE_TO_CLASS.get(name)
+    tracker = tracker_classes().get(name)
     return tracker is not None and getattr(tracker, "requires_logging_directory", False)
 
 

@@ -23,8 +23,10 @@ import os
 import shlex
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from itertools import pairwise
+from typing import Any
 
 import torch
 
@@ -35,8 +37,17 @@ from .checkpoint import save_weights
 from .config import Interval, Request, TrainConfig, checkpoint_interval, parse_request
 from .console import Console, Outputs, resolve_mode
 from .data import Split, load_data
-from .distributed import (collective_failure, launched_world_size, make_accelerator, on_main, set_collective_timeout,
-                          share_checkpoint, share_json, shutdown, start_processes, tensors_digest)
+from .distributed import (
+    collective_failure,
+    make_accelerator,
+    on_main,
+    set_collective_timeout,
+    share_checkpoint,
+    share_json,
+    shutdown,
+    start_processes,
+    tensors_digest,
+)
 from .engine import Carry, Engine, make_sgd, tune_for_device
 from .errors import DistmnistError, RunStopped, cli, signal_name
 from .masks import GlobalDropout
@@ -71,13 +82,14 @@ class Run:
     folder: RunFolder | None  # the main process's hold on the output folder; None on other ranks
     start: Start
     engine: Engine
+    schedule: LRSchedule  # the engine's: a run always has one
     order: TrainOrder
     batches: Any
     test_batches: list
     val_batches: list | None  # --val-size: this rank's share of the held-out training images
     carry: Carry | None  # an epoch interrupted in its middle, resumed at its exact step
     recorder: Recorder  # what the run writes as it goes (every rank calls, the main process writes)
-    periodic: "Periodic | None" = None  # --checkpoint-every
+    periodic: Periodic | None = None  # --checkpoint-every
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
 
     @property
@@ -125,10 +137,12 @@ def claim_folder(request: Request, processes, hold: contextlib.ExitStack) -> tup
 def already_complete(accelerator, console: Console, folder: RunFolder | None, start: Start) -> Outcome:
     """A finished run resumed again (a requeued job, a rerun script): train nothing, rewrite nothing."""
     ckpt = start.checkpoint
+    assert ckpt is not None  # a run is complete by its checkpoint
     how = " (stopped early: no better validation accuracy)" if ckpt.state.progress.early_stopped else ""
     console.print(f"run {start.run_id} is already complete at epoch {ckpt.epoch}{how}, nothing trained")
 
     def write_missing() -> None:
+        assert folder is not None  # on_main runs this on the main process, which holds the folder
         if not folder.final_weights().exists():  # it stopped after its last checkpoint, before its final weights
             console.notice(f"writing the missing {folder.final_weights()} from {ckpt.path}")
             save_weights(ckpt.model, folder.final_weights())
@@ -214,17 +228,19 @@ def build_schedule(cfg: TrainConfig, start: Start, carry: Carry | None, steps: i
     return LRSchedule(spec, device, epoch_start + (carry.step if carry else 0))
 
 
-def plan_rows(run: Run, data: Data, resident: bool, graphs: bool, schedule: LRSchedule) -> list[tuple[str, str]]:
+def plan_rows(run: Run, data: Data, resident: bool, graphs: bool) -> list[tuple[str, str]]:
     cfg, ckpt, device = run.cfg, run.start.checkpoint, run.accelerator.device
+    interval = checkpoint_interval(cfg.checkpoint_every) if cfg.checkpoint_every else None
     world = run.accelerator.num_processes
-    resumed = (f" (resumed from {ckpt.path}" + (f" at step {run.carry.step}" if run.carry else "") + ")") if ckpt else ""
+    resumed = ((f" (resumed from {ckpt.path}" + (f" at step {run.carry.step}" if run.carry else "") + ")") if ckpt
+               else "")
     return [
         ("run", f"{run.start.run_id}" + (" (continued)" if ckpt else "")),
         ("device", f"{world} x {run.recorder.versions['device']} ({device.type})"),
         ("world size", str(world)),
         ("precision", cfg.mixed_precision),
         ("batch", run.order.describe()),
-        ("learning rate", schedule.spec.describe()),
+        ("learning rate", run.schedule.spec.describe()),
         ("steps per epoch", str(len(run.batches))),
         ("data", f"{len(data.train):,} train" + (f" / {len(data.val):,} validation" if data.val is not None else "")
          + f" / {len(data.test):,} test images from {cfg.data_dir}"),
@@ -233,8 +249,7 @@ def plan_rows(run: Run, data: Data, resident: bool, graphs: bool, schedule: LRSc
         ("data path", "resident on device" if resident else "DataLoader"),
         ("CUDA graphs", "on" if graphs else "off"),
         ("epochs", f"{run.first_epoch}..{cfg.epochs}{resumed}"),
-        *([("checkpoints", f"at each epoch's end and {checkpoint_interval(cfg.checkpoint_every).describe()}")]
-          if cfg.checkpoint_every else []),
+        *([("checkpoints", f"at each epoch's end and {interval.describe()}")] if interval else []),
         ("model", f"Net, {parameter_count(run.engine.model):,} parameters"),
         ("output", cfg.output_dir),
         *([("tracker", f"{cfg.log_with} -> {tracking.destination(cfg.log_with, cfg.output_dir, run.start.run_id)} "
@@ -274,9 +289,9 @@ def setup(request: Request, stop: StopRequests, hold: contextlib.ExitStack) -> R
                        notices)
         run.engine.stop = stop
         marks.append(time.perf_counter())
-        run.timings.update({f"setup_{name}": b - a for name, a, b in
-                            zip(("accelerator", "data", "model", "batches"), marks, marks[1:])})
-        rows = plan_rows(run, data, resident, graphs, run.engine.schedule)
+        phases = ("accelerator", "data", "model", "batches")
+        run.timings.update({f"setup_{name}": b - a for name, (a, b) in zip(phases, pairwise(marks), strict=True)})
+        rows = plan_rows(run, data, resident, graphs)
         if threads is not None:
             rows.insert(2, ("threads", threads.describe()))
         console.plan(rows, layer_summary(accelerator.unwrap_model(model)))
@@ -289,7 +304,8 @@ def setup(request: Request, stop: StopRequests, hold: contextlib.ExitStack) -> R
 def assemble(cfg, accelerator, console, folder, start, data: Data, model, optimizer, scaler, resident, graphs,
              notices: list[str]) -> Run:
     """Order, batches, resume point, dropout masks, schedule, engine and recorder."""
-    world, rank, device, ckpt = accelerator.num_processes, accelerator.process_index, accelerator.device, start.checkpoint
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    ckpt = start.checkpoint
     order = build_order(cfg, accelerator, data)
     batches = train_batches(data.train, order, device, resident)
     carry = None
@@ -313,9 +329,10 @@ def assemble(cfg, accelerator, console, folder, start, data: Data, model, optimi
     recorder = Recorder(accelerator, folder, start, described, Components(model, optimizer, order, schedule, scaler,
                                                                          dropout), validation=data.val is not None)
     run = Run(cfg=cfg, accelerator=accelerator, console=console, folder=folder, start=start, engine=engine,
-              order=order, batches=batches, carry=carry,
+              schedule=schedule, order=order, batches=batches, carry=carry,
               test_batches=eval_batches(data.test, world, rank, cfg.test_batch_size, device),
-              val_batches=None if data.val is None else eval_batches(data.val, world, rank, cfg.test_batch_size, device),
+              val_batches=(None if data.val is None
+                           else eval_batches(data.val, world, rank, cfg.test_batch_size, device)),
               recorder=recorder)
     interval = checkpoint_interval(cfg.checkpoint_every)
     if interval is not None:
@@ -333,7 +350,8 @@ class Periodic:
     def __init__(self, interval: Interval, run: Run):
         self.interval, self.run = interval, run
         self.last = time.monotonic()
-        self.epoch, self.progress = 0, None
+        self.epoch = 0
+        self.progress: Progress | None = None  # set by begin_epoch, before the epoch's first step
 
     def begin_epoch(self, epoch: int, progress: Progress) -> None:
         self.epoch, self.progress = epoch, progress
@@ -342,13 +360,18 @@ class Periodic:
         self.last = time.monotonic()
 
     def step_due(self, epoch_step: int) -> bool:
-        return bool(self.interval.steps) and (self.progress.epoch_start + epoch_step) % self.interval.steps == 0
+        every = self.interval.steps
+        if not every:  # a time interval
+            return False
+        assert self.progress is not None, "begin_epoch() first"
+        return (self.progress.epoch_start + epoch_step) % every == 0
 
     def time_due(self) -> bool:
         return (self.interval.seconds is not None and self.run.accelerator.is_main_process
                 and time.monotonic() - self.last >= self.interval.seconds)
 
     def save(self, epoch_step: int, train_seconds: float) -> None:
+        assert self.progress is not None, "begin_epoch() first"
         engine = self.run.engine
         self.run.recorder.save_position(Position(self.epoch, epoch_step, len(self.run.batches), train_seconds,
                                                  engine.loss_sum, engine.samples), self.progress)
@@ -390,7 +413,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
     with run.console.progress(epoch, cfg.epochs, len(run.batches), images_per_step, ranks=world) as bar:
         stats = run.engine.train_epoch(run.batches, bar, carry)
     # --log-every: the step records go before the epoch's (one x axis, optimizer steps, for every tracker)
-    tracking.log_steps(run.accelerator, stats.step_losses, progress.step, cfg.log_every, run.engine.schedule.spec)
+    tracking.log_steps(run.accelerator, stats.step_losses, progress.step, cfg.log_every, run.schedule.spec)
     progress.step = progress.epoch_start + stats.epoch_step
     progress.timings["train"] = progress.timings.get("train", 0.0) + stats.seconds - stats.resumed_seconds
     if stats.stop == DIVERGED or not math.isfinite(stats.loss):
@@ -411,7 +434,7 @@ def epoch_record(run: Run, epoch: int, progress: Progress, stats) -> dict[str, A
     return {
         "epoch": epoch,
         "step": progress.step,
-        "lr": run.engine.schedule.spec.value_at(progress.step - 1),  # the lr of the epoch's last step
+        "lr": run.schedule.spec.value_at(progress.step - 1),  # the lr of the epoch's last step
         "train_loss": stats.loss,
         "train_samples": stats.samples,
         "train_seconds": stats.seconds,
@@ -453,17 +476,18 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
             better = run.val_batches is not None and improves(record, progress.best)
             if better:  # every rank decides alike: the record holds global numbers
                 progress.best = {k: record[k] for k in ("epoch", "val_accuracy", "val_loss")}
-            if cfg.early_stop and epoch - progress.best["epoch"] >= cfg.early_stop and epoch < cfg.epochs:
+            best = progress.best  # set after the first epoch: --early-stop needs --val-size
+            if cfg.early_stop and best is not None and epoch - best["epoch"] >= cfg.early_stop and epoch < cfg.epochs:
                 progress.early_stopped = True
             run.recorder.save_epoch(record, progress, best=better)
             if run.periodic is not None:
                 run.periodic.saved()
             accelerator.log(record, step=record["step"])  # x axis: optimizer steps, as the step records
             run.console.epoch_done(record, cfg.epochs)
-            if progress.early_stopped:
+            if progress.early_stopped and best is not None:
                 run.console.print(f"early stop after epoch {epoch}: no better validation accuracy for "
-                                  f"{cfg.early_stop} epoch(s); the best was epoch {progress.best['epoch']} "
-                                  f"({100 * progress.best['val_accuracy']:.2f}%), kept as best.safetensors")
+                                  f"{cfg.early_stop} epoch(s); the best was epoch {best['epoch']} "
+                                  f"({100 * best['val_accuracy']:.2f}%), kept as best.safetensors")
                 break
             code = stop.agreed() if epoch < cfg.epochs else 0  # a signal during evaluation or the save
             if code == DIVERGED:
@@ -506,7 +530,8 @@ def run_training(request: Request | TrainConfig, started: float | None = None,
         request = Request(request, frozenset(request.to_dict()))
     started = time.perf_counter() if started is None else started
     own = stop is None
-    stop = StopRequests().install() if own else stop
+    if stop is None:
+        stop = StopRequests().install()
     try:
         with contextlib.ExitStack() as hold:  # the run folder, released however set-up or training ends
             run = setup(request, stop, hold)

@@ -11,11 +11,12 @@ arrived: clients that send slowly are the connection guard's (guard.py), not the
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette

@@ -10,8 +10,9 @@ import os
 import socket
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..args import ArgumentParser
 from ..errors import DistmnistError, cli
@@ -83,7 +84,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 def check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise DistmnistError(f"{run_dir}: no such run folder (a distmnist train --output-dir)")
-    if not any((run_dir / name).exists() for name in ("config.json", "metrics.jsonl", "model.safetensors", "checkpoints")):
+    run_files = ("config.json", "metrics.jsonl", "model.safetensors", "checkpoints")
+    if not any((run_dir / name).exists() for name in run_files):
         raise DistmnistError(f"{run_dir}: not a distmnist run folder (no config.json, metrics.jsonl, "
                              "model.safetensors or checkpoints/)")
 

@@ -59,6 +59,7 @@ class GuardedH11Protocol(H11Protocol):
 
     max_connections = 512  # set by guarded_protocol()
     request_seconds = 10.0
+    conn: Connection  # uvicorn's h11 connection, replaced by one that keeps its refusal
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

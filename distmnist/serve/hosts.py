@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 from starlette.datastructures import Headers
 from starlette.middleware.trustedhost import TrustedHostMiddleware

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_weights
 from ..catalogue import newest_valid, read_config
+from ..checkpoint import load_weights
 from ..errors import DistmnistError
 from ..model import Net, to_input
 
@@ -72,7 +72,7 @@ def newest_weights(run_dir: Path, warn) -> Weights | None:
 
 def fingerprint(run_dir: Path) -> tuple:
     """Changes whenever model.safetensors is written or a checkpoint folder appears, goes or is replaced."""
-    marks = []
+    marks: list[tuple[int, int, int] | None] = []
     for path in (run_dir / FINAL, run_dir / "checkpoints"):
         try:
             st = os.stat(path)
