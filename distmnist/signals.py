@@ -24,7 +24,7 @@ import torch
 
 from .errors import EXIT_FAILURE, EXIT_SIGNAL_BASE
 
-CHECK_EVERY = 20  # steps between agreements with several processes; see the README's Speed section for its cost
+CHECK_EVERY = 20  # steps between agreements with several processes (its cost: docs/benchmarks.md)
 DIVERGED = 1000  # a code above every signal number: a diverged run stops without saving its weights
 HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SETUP_GRACE_S = 5.0  # the set-up guard acts this long after --setup-timeout
