@@ -36,6 +36,7 @@ class StopRequests:
     def __init__(self, accelerator=None):
         self.accelerator = accelerator
         self.code = 0  # this process: 0, a signal number, or DIVERGED
+        self.settled = False  # every file of the run is written: a late signal changes nothing
         self._previous: dict[int, object] = {}
 
     # ------------------------------------------------------------ this process
@@ -52,7 +53,13 @@ class StopRequests:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def settle(self) -> None:
+        """The run's records are complete: from now on signals are ignored until the process returns."""
+        self.settled = True
+
     def _handle(self, signum: int, frame) -> None:
+        if self.settled:
+            return
         if signum == signal.SIGINT and self.code:  # the second request, and a Ctrl-C: abort now
             self._interrupt(signum, frame)
         elif not self.code:

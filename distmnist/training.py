@@ -477,6 +477,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
         raise RunStopped(f"aborted by a second SIGINT in epoch {epoch}; {newest}", signal.SIGINT,
                          silent=not accelerator.is_main_process) from None
     run.recorder.finish(progress, run.first_epoch, started, run.timings)
+    stop.settle()  # every file is written: a late signal must not turn this into a stopped run
     return progress
 
 
