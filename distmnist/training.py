@@ -443,7 +443,8 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
     cfg, accelerator = run.cfg, run.accelerator
     progress = starting_progress(run)
     run.recorder.begin(progress)
-    tracking.init(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict())
+    on_main(accelerator, lambda: tracking.init(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict()),
+            f"--log-with {cfg.log_with}")  # Accelerate starts trackers on the main process only
     progress.timings["setup"] = time.perf_counter() - started
     epoch = run.first_epoch
     try:
