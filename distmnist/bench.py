@@ -288,7 +288,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def row_in_fresh_process(name: str, argv: Sequence[str]) -> dict:
     """Each pipeline gets a process of its own: what one leaves behind (allocator state, thread
-    pools, autotuning caches) measurably changes the next one's time (about 5% on a CPU)."""
+    pools, autotuning caches) measurably changes the next one's time (docs/benchmarks.md)."""
     proc = subprocess.run([sys.executable, "-m", "distmnist.bench", *argv, "--row", name], capture_output=True,
                           text=True)
     if proc.returncode != 0:

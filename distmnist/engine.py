@@ -78,17 +78,17 @@ class StepProgress(Protocol):
 def make_sgd(model: torch.nn.Module, lr: float, momentum: float, device: torch.device, weight_decay: float = 0.0,
              nesterov: bool = False) -> torch.optim.SGD:
     """The tutorial's SGD with the fused kernel: one launch per step on CUDA instead of one per tensor
-    op, and on the CPU about 0.2 s less per epoch than the per-parameter loop. weight_decay (L2, added
+    op, and on the CPU less time per epoch than the per-parameter loop (docs/benchmarks.md). weight_decay (L2, added
     to the gradient) and nesterov are the fused kernel's own options."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
                            nesterov=nesterov, fused=True)
 
 
 def tune_for_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Settings that pay for this small network (measured; see README "Speed").
+    """Settings that pay for this small network (measured: docs/benchmarks.md).
 
     channels_last everywhere: cuDNN's and oneDNN's convolution and max-pool kernels are NHWC-native
-    (on a 2-core CPU an epoch takes about 25% less). On CUDA also TF32 matrix products, as
+    (an epoch takes markedly less on a CPU too). On CUDA also TF32 matrix products, as
     convolutions already use by default, and cuDNN autotuning, worth it because every step has the
     same shapes.
     """
@@ -125,7 +125,7 @@ class Engine:
         self.device = accelerator.device
         self.cuda_graphs = cuda_graphs
         # Accelerate's optimizer wrapper looks up an optional package with importlib on every step()
-        # and inspects zero_grad's signature on every zero_grad() (about 0.1 ms a step on a CPU).
+        # and inspects zero_grad's signature on every zero_grad() (a cost per step: docs/benchmarks.md).
         # Without a GradScaler it only forwards both calls, so the step calls the wrapped optimizer.
         inner = getattr(optimizer, "optimizer", optimizer)
         self._opt = inner if getattr(optimizer, "scaler", None) is None else optimizer

@@ -1,7 +1,7 @@
 """How a command ends: the exception types with their exit codes, and the one boundary every command
 runs inside (``cli``), which turns any ending into its exit code and at most one line on stderr.
 
-Exit codes (the README's table):
+Exit codes (docs/reference/exit-codes.md):
     0            done (also: a finished run resumed again, nothing to train)
     1            the run failed: a rank hung or died, training diverged, replicas drifted apart
     2            bad input: flags, config, data files, checkpoints, an output folder that is taken or unwritable

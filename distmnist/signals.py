@@ -24,7 +24,7 @@ import torch
 
 from .errors import EXIT_FAILURE, EXIT_SIGNAL_BASE, SignalHandler
 
-CHECK_EVERY = 20  # steps between agreements with several processes; see the README's Speed section for its cost
+CHECK_EVERY = 20  # steps between agreements with several processes (its cost: docs/benchmarks.md)
 DIVERGED = 1000  # a code above every signal number: a diverged run stops without saving its weights
 HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SETUP_GRACE_S = 5.0  # the set-up guard acts this long after --setup-timeout
@@ -36,6 +36,7 @@ class StopRequests:
     def __init__(self, accelerator=None):
         self.accelerator = accelerator
         self.code = 0  # this process: 0, a signal number, or DIVERGED
+        self.settled = False  # every file of the run is written: a late signal changes nothing
         self._previous: dict[int, SignalHandler] = {}
 
     # ------------------------------------------------------------ this process
@@ -49,10 +50,17 @@ class StopRequests:
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(sig, handler)
         self._previous.clear()
 
+    def settle(self) -> None:
+        """The run's records are complete: from now on signals are ignored until the process returns."""
+        self.settled = True
+
     def _handle(self, signum: int, frame) -> None:
+        if self.settled:
+            return
         if signum == signal.SIGINT and self.code:  # the second request, and a Ctrl-C: abort now
             self._interrupt(signum, frame)
         elif not self.code:
@@ -130,7 +138,8 @@ class SetupGuard:
         if self._pipe is not None:
             signal.set_wakeup_fd(self._old_wakeup)
             for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+                if handler is not None:
+                    signal.signal(sig, handler)
             os.write(self._pipe[1], b"\0")  # wakes the watcher, which closes the pipe
         if self._watcher is not None:
             self._watcher.join(timeout=5)

@@ -466,7 +466,8 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
     cfg, accelerator = run.cfg, run.accelerator
     progress = starting_progress(run)
     run.recorder.begin(progress)
-    tracking.init(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict())
+    on_main(accelerator, lambda: tracking.init(accelerator, cfg.log_with, run.start.run_id, cfg.to_dict()),
+            f"--log-with {cfg.log_with}")  # Accelerate starts trackers on the main process only
     progress.timings["setup"] = time.perf_counter() - started
     epoch = run.first_epoch
     try:
@@ -501,6 +502,7 @@ def fit(run: Run, stop: StopRequests, started: float) -> Progress:
         raise RunStopped(f"aborted by a second SIGINT in epoch {epoch}; {newest}", signal.SIGINT,
                          silent=not accelerator.is_main_process) from None
     run.recorder.finish(progress, run.first_epoch, started, run.timings)
+    stop.settle()  # every file is written: a late signal must not turn this into a stopped run
     return progress
 
 

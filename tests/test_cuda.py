@@ -128,3 +128,50 @@ def test_the_graph_replays_the_schedule_without_recapture(real_mnist):
     assert eager_steps == graph_steps == 40
     assert eager_lr == graph_lr == expected_lr
     assert graph_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+
+
+def weights_of(out) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_an_fp16_run_resumes_exactly_with_its_loss_scale(real_mnist, tmp_path):
+    """fp16 trains eagerly with a GradScaler whose scale a checkpoint keeps: stopped after epoch 1 and
+    resumed, the run ends bit-identical to an uninterrupted one."""
+    flags = ("--mixed-precision", "fp16", "--limit-train", "20000")
+    train(real_mnist, tmp_path, "whole", *flags, "--epochs", "2")
+    train(real_mnist, tmp_path, "cut", *flags, "--epochs", "1")
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "epoch-0001" / "state.json").read_text())
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+    out = tmp_path / "cut"
+    proc = subprocess.run([sys.executable, "-m", "distmnist.train", "--output-dir", str(out), "--resume", "auto",
+                           "--epochs", "2"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loss scale" not in proc.stdout  # restored, not restarted
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_a_global_batch_trains_in_the_cuda_graph_as_it_does_eagerly(real_mnist, tmp_path):
+    """--global-batch-size draws its dropout masks from a generator registered with the CUDA graph: the
+    graph's replays must draw what eager steps draw."""
+    flags = ("--global-batch-size", "100", "--epochs", "2")
+    eager = train(real_mnist, tmp_path, "eager", *flags, "--cuda-graphs", "off")
+    graphed = train(real_mnist, tmp_path, "graph", *flags, "--cuda-graphs", "on")
+    assert graphed[0]["capture_seconds"] > 0
+    assert graphed[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-3)
+    assert abs(graphed[-1]["test_accuracy"] - eager[-1]["test_accuracy"]) <= 0.002
+
+
+def test_a_global_batch_resumes_exactly_on_the_gpu(real_mnist, tmp_path):
+    """A graphed global-batch run resumed at an epoch's end: eager warm-up steps, a new capture, and the
+    masks' generator restored; the run ends where the uninterrupted one does."""
+    flags = ("--global-batch-size", "100", "--limit-train", "20000")
+    train(real_mnist, tmp_path, "whole", *flags, "--epochs", "2")
+    train(real_mnist, tmp_path, "cut", *flags, "--epochs", "1")
+    out = tmp_path / "cut"
+    proc = subprocess.run([sys.executable, "-m", "distmnist.train", "--output-dir", str(out), "--resume", "auto",
+                           "--epochs", "2"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = weights_of(out), weights_of(tmp_path / "whole")
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5

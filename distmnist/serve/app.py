@@ -135,7 +135,7 @@ def run_endpoint(served: ServedWeights, run_dir: Path) -> Endpoint:
 
 
 def report_endpoint(served: ServedWeights, reports: Reports, run_dir: Path) -> Endpoint:
-    reporting = anyio.CapacityLimiter(1)  # a report takes about a second: it must not hold up predictions
+    reporting = anyio.CapacityLimiter(1)  # a report runs over the whole test set: it must not hold up predictions
 
     async def report(request: Request) -> JSONResponse:
         weights = served.current
