@@ -103,6 +103,20 @@ def check_tracker(name: str) -> None:
             raise DistmnistError(f"--log-with {name}: the {package} package is not installed; pip install {package}")
     elif name not in tracker_classes():  # also accepts trackers registered with register_tracker_class
         raise DistmnistError(f"--log-with: unknown tracker {name!r}; choose from {', '.join(LoggerType.list())}")
+    elif accelerate_version() < REGISTERED_TRACKERS:
+        import accelerate
+
+        raise DistmnistError(f"--log-with {name}: a tracker registered by name needs accelerate 1.15 or later "
+                             f"(installed: {accelerate.__version__}); choose from {', '.join(LoggerType.list())}")
+
+
+REGISTERED_TRACKERS = (1, 15)  # the first Accelerate whose Accelerator(log_with=NAME) takes a registered name
+
+
+def accelerate_version() -> tuple[int, ...]:
+    import accelerate
+
+    return tuple(int(part) for part in accelerate.__version__.split(".")[:2] if part.isdigit())
 
 
 UNSUPPORTED_LAUNCH = (  # (environment variable, value that asks for it, what distmnist says)
