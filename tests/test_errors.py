@@ -1,6 +1,6 @@
-"""Issue 8, item 5: every failure is one line. Each input that used to end in a traceback (or eat
-memory) now exits 2 with one line naming what is wrong. The cases run through the real entry points,
-train.main(argv) and evaluate.main(argv), in one process (one torch import instead of twenty).
+"""Every failure is one line. Each input that used to end in a traceback (or eat memory) now exits 2 with
+one line naming what is wrong. The cases run through the real entry points, train.main(argv) and
+evaluate.main(argv), in the session's one in-process driver (one torch import instead of twenty).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_in_process, run_module, write_mnist
+from conftest import in_process, run_in_process, write_mnist
 from distmnist.checkpoint import load_checkpoint, sha256, unflatten_optimizer, write_checkpoint
 
 BILLION_LAUGHS = textwrap.dedent(
@@ -50,7 +50,7 @@ def cases(tmp_path_factory):
     work = tmp_path_factory.mktemp("errors")
     data = write_mnist(work / "mnist", n_train=100, n_test=50)
     run = work / "run"
-    proc = run_module("train", "--data-dir", data, "--output-dir", run, "--epochs", "1", "--batch-size", "50",
+    proc = in_process("train", "--data-dir", data, "--output-dir", run, "--epochs", "1", "--batch-size", "50",
                       "--progress", "none")
     assert proc.returncode == 0, proc.stderr
     good = run / "checkpoints" / "epoch-0001"
