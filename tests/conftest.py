@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import gzip
 import json
 import os
@@ -22,6 +23,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MNIST = Path(os.environ.get("DISTMNIST_TEST_MNIST", ROOT.parent / "shared" / "mnist"))  # env: GPU host copy
 BIN = Path(sys.executable).parent
+
+
+def pytest_collection_finish(session) -> None:
+    """Freeze what is alive once the test files are imported (torch, distmnist, the fixtures' modules) out of
+    the garbage collector's reach: a command called in this process ends with gc.collect()
+    (errors.leave_process_group), a walk over the whole heap that costs 0.1 s per call once torch is
+    imported, and there are dozens of such calls here."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def freeze_what_is_imported() -> None:
+    """The same at each test file's start, for what the files before it imported lazily (Accelerate's
+    state, matplotlib, Starlette): only what a test file itself creates is left to walk."""
+    gc.freeze()
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -65,6 +82,17 @@ def real_mnist() -> Path:
     return REAL_MNIST
 
 
+@pytest.fixture(scope="session")
+def trained_run(real_mnist, tmp_path_factory) -> Path:
+    """The output folder of a 1-epoch run of the default recipe on the real MNIST, trained once per session
+    (predict and serve read it)."""
+    out = tmp_path_factory.mktemp("real-run")
+    result = run_in_process({"train": ("train", ["--data-dir", real_mnist, "--no-download", "--epochs", "1",
+                                                 "--output-dir", out, "--progress", "none"], {})})["train"]
+    assert result["code"] == 0, result["stderr"]
+    return out
+
+
 def metrics_record(epoch: int, steps_per_epoch: int = 14, world: int = 2) -> dict:
     """An epoch's metrics record with every field a resumed run reads back."""
     return {"epoch": epoch, "step": steps_per_epoch * epoch, "train_loss": 0.5, "train_samples": 600,
@@ -102,8 +130,12 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # of a launcher around pytest
+
+
 def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    """This environment without a launcher's variables, one thread per process, no GPU, and `extra`."""
+    e = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, **extra)
     return e
 

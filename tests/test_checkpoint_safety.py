@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, checkpoint_state, env, run_in_process, run_module, write_mnist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, checkpoint_state, env, run_in_process, run_module, write_mnist
+from distmnist.catalogue import scan
 from distmnist.checkpoint import load_checkpoint, load_weights, read_tensors, sha256, verify, write_checkpoint
 from distmnist.errors import DistmnistError
 from distmnist.model import Net
-from distmnist.catalogue import scan
 
 FAST = ("--progress", "plain", "--batch-size", "50")
 
@@ -107,7 +107,8 @@ def runs(data, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedPr
         "trained": [sys.executable, "-m", "distmnist.train", *train_args(data, outs["trained"], "--epochs", "3")],
         # write_bytes calls 1-5 write epoch 1's files (model, optimizer, rng, state, manifest); call 7 is epoch
         # 2's optimizer.safetensors
-        "died-saving": [sys.executable, "-c", DRIVER, "write_bytes", "7", *train_args(data, outs["died-saving"], *keep)],
+        "died-saving": [sys.executable, "-c", DRIVER, "write_bytes", "7",
+                        *train_args(data, outs["died-saving"], *keep)],
         "died-pruning": [sys.executable, "-c", DRIVER, "rmtree", "0", *train_args(data, outs["died-pruning"], *keep)],
     })
     return {name: (outs[name], results[name]) for name in outs}

@@ -11,8 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import in_process, run_in_process, write_mnist
+
 from distmnist.checkpoint import load_checkpoint, sha256, unflatten_optimizer, write_checkpoint
 
 BILLION_LAUGHS = textwrap.dedent(
@@ -89,8 +89,9 @@ def cases(tmp_path_factory):
                                     [str(work / "a-file"), "which is a file"]),
         "symlinked-checkpoint": ("train", [*base, "--output-dir", out, "--resume", str(work / "link")], {},
                                  [str(work / "link"), "symlink"]),
-        "metrics-lack-a-field": ("train", [*base, "--output-dir", out, "--resume", str(work / "no-field" / "epoch-0001")],
-                                 {}, ["state.json", "lacks test_loss"]),
+        "metrics-lack-a-field": ("train", [*base, "--output-dir", out, "--resume",
+                                           str(work / "no-field" / "epoch-0001")], {},
+                                 ["state.json", "lacks test_loss"]),
         "manifest-escapes": ("train", [*base, "--output-dir", out, "--resume", str(escape)], {},
                              [str(escape / "manifest.json"), "'../../x'", "not a plain file name"]),
         "manifest-absolute": ("evaluate", ["--checkpoint", str(absolute), "--data-dir", str(data)], {},
@@ -104,9 +105,10 @@ def cases(tmp_path_factory):
     return run_in_process(argv), {name: words for name, (*_, words) in table.items()}, work
 
 
-CASE_NAMES = ["non-utf8-config", "billion-laughs", "duplicate-key", "dist-timeout-inf", "seed-2**64-1", "world-size-abc",
-              "output-dir-is-a-file", "output-dir-under-a-file", "symlinked-checkpoint", "metrics-lack-a-field",
-              "manifest-escapes", "manifest-absolute", "symlinked-weights", "output-json-folder"]
+CASE_NAMES = ["non-utf8-config", "billion-laughs", "duplicate-key", "dist-timeout-inf", "seed-2**64-1",
+              "world-size-abc", "output-dir-is-a-file", "output-dir-under-a-file", "symlinked-checkpoint",
+              "metrics-lack-a-field", "manifest-escapes", "manifest-absolute", "symlinked-weights",
+              "output-json-folder"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)

@@ -19,9 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    BIN,
+    ROOT,
+    checkpoint_state,
+    distmnist_tracebacks,
+    env,
+    free_port,
+    in_process,
+    run_in_process,
+    write_mnist,
+)
 
-from conftest import (BIN, ROOT, checkpoint_state, distmnist_tracebacks, env, free_port, in_process, run_in_process,
-                      write_mnist)
 from distmnist.checkpoint import load_checkpoint, unflatten_optimizer, write_checkpoint
 from distmnist.errors import DistmnistError
 

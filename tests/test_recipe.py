@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, in_process, run_in_process, torchrun, write_mnist
+
 from distmnist.checkpoint import load_checkpoint
 
 # not the defaults: a bare resume that fell back to them would train another recipe
@@ -159,6 +159,7 @@ def stopped_after(step: int, sig: str, out: Path, data: Path, *argv: str) -> sub
                           cwd=ROOT, env=env())
 
 
+@pytest.mark.slow
 def test_a_mid_epoch_resume_with_another_seed_is_announced_and_not_called_exact(data, tmp_path):
     out = tmp_path / "run"
     assert stopped_after(4, "SIGTERM", out, data, "--epochs", "1").returncode == 143
@@ -173,6 +174,7 @@ def test_a_mid_epoch_resume_with_another_seed_is_announced_and_not_called_exact(
     assert metrics(out)[0]["step"] == 7 and metrics(out)[0]["train_samples"] == 280  # the whole epoch, once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["loader", "resident"])
 def test_a_mid_epoch_resume_is_bit_identical_on_both_data_paths(data, tmp_path, path):
     whole, out = tmp_path / "whole", tmp_path / "out"
@@ -186,6 +188,7 @@ def test_a_mid_epoch_resume_is_bit_identical_on_both_data_paths(data, tmp_path, 
     assert [m["train_loss"] for m in metrics(out)] == [m["train_loss"] for m in metrics(whole)]
 
 
+@pytest.mark.slow
 def test_checkpoint_every_n_steps_bounds_what_a_killed_process_loses(data, whole, tmp_path):
     out = tmp_path / "out"
     # SIGKILL right after step 12 (epoch 2, step 5), before its checkpoint: no handler runs, nothing is saved
