@@ -1,6 +1,6 @@
-"""Issue 4, item 7: determinism and load. The same seed and world size give bit-identical weights in
-two runs on the CPU; 4 processes on a 2-core machine (oversubscribed) still finish, and count every
-test image exactly once (251 test images: not a multiple of 4)."""
+"""Determinism and load. The same seed and world size give bit-identical weights in two runs on the CPU; 4
+processes on a 2-core machine (oversubscribed) still finish, and count every test image exactly once (251 test
+images: not a multiple of 4)."""
 
 from __future__ import annotations
 

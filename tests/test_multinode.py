@@ -1,6 +1,6 @@
-"""Issue 4, item 6: several machines, simulated on one host over loopback. Two "machines" with one
-process each (machine ranks 0 and 1, main address 127.0.0.1), started through launch/multi_node.sh,
-must train exactly as 2 processes on one machine: bit-identical weights.
+"""Several machines, simulated on one host over loopback. Two "machines" with one process each (machine ranks 0
+and 1, main address 127.0.0.1), started through launch/multi_node.sh, must train exactly as 2 processes on one
+machine: bit-identical weights.
 """
 
 from __future__ import annotations
