@@ -232,7 +232,6 @@ STOP_DRIVER = textwrap.dedent(
 )
 
 
-
 # Calls the real entry points, train.main(argv), evaluate.main(argv), plot.main(argv) ... (what `python -m`
 # runs, with its exit code and one-line error) in one interpreter that lives for the whole session: one
 # torch import for every case of every test file instead of one per case. Each request is a line of JSON

@@ -148,7 +148,9 @@ def test_guard_sees_and_refuses_a_real_network_call(guard):
 
 
 @pytest.mark.slow
-def test_no_data_no_network_fails_fast_naming_the_four_files(guard, tmp_path):
+def test_no_data_no_network_fails_fast_naming_the_four_files(guard, tmp_path, black_hole):
+    """No data, no network: exit 2 within 30 s, one line naming the four files and where they go. (Also
+    starts the black-hole run, which mostly waits, in the background; it is judged further down.)"""
     environ, log = guard
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -197,9 +199,8 @@ def test_the_default_data_dir_is_not_advised_as_a_flag(guard, tmp_path):
 
 
 @pytest.mark.slow
-def test_local_data_makes_no_network_call(guard, tmp_path, black_hole):
-    """Train and evaluate (side by side) from local .gz files in MNIST/raw: zero network attempts. (Also
-    starts the black-hole run, which mostly waits, in the background.)"""
+def test_local_data_makes_no_network_call(guard, tmp_path):
+    """Train and evaluate (side by side) from local .gz files in MNIST/raw: zero network attempts."""
     environ, log = guard
     data = tmp_path / "data"
     write_mnist(data / "MNIST" / "raw", n_train=200, n_test=60, gz=True)
