@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import gzip
 import json
@@ -274,26 +275,39 @@ IN_PROCESS_DRIVER = textwrap.dedent(
 
 class InProcessDriver:
     """The session's IN_PROCESS_DRIVER process: started at the first request, started again after a
-    request that it did not answer in time (or that killed it), stopped when the session ends."""
+    request that it did not answer in time (or that killed it), stopped when the session ends. Its stderr
+    goes to a log file whose end is shown when it fails."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
-        handle, name = tempfile.mkstemp(prefix="distmnist-in-process-", suffix=".log")  # its stderr
-        os.close(handle)
-        self.log = Path(name)
+        self.log: Path | None = None
 
     def start(self) -> subprocess.Popen:
         if self.proc is None or self.proc.poll() is not None:
+            if self.log is None:
+                handle, name = tempfile.mkstemp(prefix="distmnist-in-process-", suffix=".log")
+                os.close(handle)
+                self.log = Path(name)
             with self.log.open("ab") as log:
                 self.proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS_DRIVER], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=env())
         return self.proc
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
-            stop_process(self.proc, timeout=10)
+        if self.proc is not None:
+            with contextlib.suppress(BrokenPipeError):  # (a driver that died cannot read it)
+                self.proc.stdin.close()  # the driver's loop ends at the end of its input
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                stop_process(self.proc, timeout=10)
+            self.proc.stdout.close()
         self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self.log is not None:
+            self.log.unlink(missing_ok=True)
 
     def ask(self, cases: dict, timeout: float) -> dict:
         proc = self.start()
@@ -303,16 +317,17 @@ class InProcessDriver:
         while not line.endswith(b"\n"):
             ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
             chunk = os.read(proc.stdout.fileno(), 1 << 20) if ready else b""
-            if not chunk:  # no answer in time, or the driver died: a fresh one serves the next request
+            if not chunk:  # the driver died, or gave no answer in time: a fresh one serves the next request
+                died = proc.poll()
                 self.stop()
-                log = self.log.read_text(errors="replace")[-3000:]
-                raise AssertionError(f"the in-process driver gave no answer within {timeout} s\n{log}")
+                why = f"died (exit code {died})" if died is not None else f"gave no answer within {timeout} s"
+                raise AssertionError(f"the in-process driver {why}\n{self.log.read_text(errors='replace')[-3000:]}")
             line += chunk
         return json.loads(line)
 
 
 DRIVER = InProcessDriver()
-atexit.register(DRIVER.stop)
+atexit.register(DRIVER.close)
 
 
 def run_in_process(cases: dict[str, tuple[str, list, dict[str, str]]], timeout: float = 300) -> dict[str, dict]:
