@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import gzip
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +24,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MNIST = Path(os.environ.get("DISTMNIST_TEST_MNIST", ROOT.parent / "shared" / "mnist"))  # env: GPU host copy
 BIN = Path(sys.executable).parent
+
+
+def pytest_collection_finish(session) -> None:
+    """Freeze what is alive once the test files are imported (torch, distmnist, the fixtures' modules) out of
+    the garbage collector's reach: a command called in this process ends with gc.collect()
+    (errors.leave_process_group), a walk over the whole heap that costs 0.1 s per call once torch is
+    imported, and there are dozens of such calls here."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def freeze_what_is_imported() -> None:
+    """The same at each test file's start, for what the files before it imported lazily (Accelerate's
+    state, matplotlib, Starlette): only what a test file itself creates is left to walk."""
+    gc.freeze()
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -61,6 +83,17 @@ def real_mnist() -> Path:
     return REAL_MNIST
 
 
+@pytest.fixture(scope="session")
+def trained_run(real_mnist, tmp_path_factory) -> Path:
+    """The output folder of a 1-epoch run of the default recipe on the real MNIST, trained once per session
+    (predict and serve read it)."""
+    out = tmp_path_factory.mktemp("real-run")
+    result = run_in_process({"train": ("train", ["--data-dir", real_mnist, "--no-download", "--epochs", "1",
+                                                 "--output-dir", out, "--progress", "none"], {})})["train"]
+    assert result["code"] == 0, result["stderr"]
+    return out
+
+
 def metrics_record(epoch: int, steps_per_epoch: int = 14, world: int = 2) -> dict:
     """An epoch's metrics record with every field a resumed run reads back."""
     return {"epoch": epoch, "step": steps_per_epoch * epoch, "train_loss": 0.5, "train_samples": 600,
@@ -98,8 +131,12 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # of a launcher around pytest
+
+
 def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    """This environment without a launcher's variables, one thread per process, no GPU, and `extra`."""
+    e = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, **extra)
     return e
 
@@ -196,38 +233,113 @@ STOP_DRIVER = textwrap.dedent(
 )
 
 
-
 # Calls the real entry points, train.main(argv), evaluate.main(argv), plot.main(argv) ... (what `python -m`
-# runs, with its exit code and one-line error), once per case in one process: one torch import instead of
-# dozens. argv[1]: JSON {case: [command, argv, environ]}; prints JSON {case: {code, stderr}}.
+# runs, with its exit code and one-line error) in one interpreter that lives for the whole session: one
+# torch import for every case of every test file instead of one per case. Each request is a line of JSON
+# {case: [command, argv, environ]} on stdin; the answer, {case: {code, stdout, stderr}}, is one line on a
+# private copy of stdout (fd 1 itself goes to /dev/null, so that nothing a case writes below Python's
+# sys.stdout can corrupt the answer). The environment is restored after each case. What is alive after a
+# case (torch, the imported modules) is frozen out of the garbage collector's reach: a command called from
+# Python ends with gc.collect() (errors.leave_process_group), a walk over the whole heap that would
+# otherwise cost 0.2 s per case in an interpreter that has imported torch.
 IN_PROCESS_DRIVER = textwrap.dedent(
     """
-    import contextlib, importlib, io, json, os, sys, traceback
+    import contextlib, gc, importlib, io, json, os, sys, traceback
+    from distmnist.cli import MODULES
 
-    cases = json.loads(sys.argv[1])
-    results = {}
-    for name, (command, argv, environ) in cases.items():
-        saved = dict(os.environ)
-        os.environ.update(environ)
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                code = importlib.import_module(f"distmnist.{command}").main(argv)
-            except SystemExit as exit:
-                code = exit.code
-            except BaseException:
-                code, err = "exception", io.StringIO(traceback.format_exc())
-        os.environ.clear()
-        os.environ.update(saved)
-        results[name] = {"code": code, "stderr": err.getvalue()}
-    print(json.dumps(results))
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    for request in sys.stdin:
+        results = {}
+        for name, (command, argv, environ) in json.loads(request).items():
+            saved = dict(os.environ)
+            os.environ.update(environ)
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                try:  # the command's own code (distmnist.training for train), as `distmnist COMMAND` runs it
+                    module = importlib.import_module(MODULES.get(command, f"distmnist.{command}"))
+                    code = module.main(argv)
+                except SystemExit as exit:
+                    code = exit.code
+                except BaseException:
+                    code, err = "exception", io.StringIO(traceback.format_exc())
+            os.environ.clear()
+            os.environ.update(saved)
+            results[name] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+            gc.freeze()
+        answer.write(json.dumps(results) + "\\n")
+        answer.flush()
     """
 )
 
 
-def run_in_process(cases: dict[str, tuple[str, list[str], dict[str, str]]], timeout: float = 300) -> dict[str, dict]:
-    """Each case (command, argv, extra environment) through IN_PROCESS_DRIVER: {case: {code, stderr}}."""
-    result = subprocess.run([sys.executable, "-c", IN_PROCESS_DRIVER, json.dumps(cases)], capture_output=True,
-                            text=True, timeout=timeout, cwd=ROOT, env=env())
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
+class InProcessDriver:
+    """The session's IN_PROCESS_DRIVER process: started at the first request, started again after a
+    request that it did not answer in time (or that killed it), stopped when the session ends. Its stderr
+    goes to a log file whose end is shown when it fails."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.log: Path | None = None
+
+    def start(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            if self.log is None:
+                handle, name = tempfile.mkstemp(prefix="distmnist-in-process-", suffix=".log")
+                os.close(handle)
+                self.log = Path(name)
+            with self.log.open("ab") as log:
+                self.proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS_DRIVER], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=env())
+        return self.proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(BrokenPipeError):  # (a driver that died cannot read it)
+                self.proc.stdin.close()  # the driver's loop ends at the end of its input
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                stop_process(self.proc, timeout=10)
+            self.proc.stdout.close()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self.log is not None:
+            self.log.unlink(missing_ok=True)
+
+    def ask(self, cases: dict, timeout: float) -> dict:
+        proc = self.start()
+        proc.stdin.write(json.dumps(cases).encode() + b"\n")
+        proc.stdin.flush()
+        line, deadline = b"", time.monotonic() + timeout
+        while not line.endswith(b"\n"):
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(proc.stdout.fileno(), 1 << 20) if ready else b""
+            if not chunk:  # the driver died, or gave no answer in time: a fresh one serves the next request
+                died = proc.poll()
+                self.stop()
+                why = f"died (exit code {died})" if died is not None else f"gave no answer within {timeout} s"
+                raise AssertionError(f"the in-process driver {why}\n{self.log.read_text(errors='replace')[-3000:]}")
+            line += chunk
+        return json.loads(line)
+
+
+DRIVER = InProcessDriver()
+atexit.register(DRIVER.close)
+
+
+def run_in_process(cases: dict[str, tuple[str, list, dict[str, str]]], timeout: float = 300) -> dict[str, dict]:
+    """Each case (command, argv, extra environment) through the session's IN_PROCESS_DRIVER:
+    {case: {code, stdout, stderr}}."""
+    return DRIVER.ask({name: (command, [str(a) for a in argv], environ)
+                       for name, (command, argv, environ) in cases.items()}, timeout)
+
+
+def in_process(command: str, *args, timeout: float = 300, **environ: str) -> subprocess.CompletedProcess:
+    """run_module's twin without the process: `distmnist COMMAND args` through the session's in-process
+    driver, its exit code, stdout and stderr as a CompletedProcess. For what happens inside one command;
+    what needs a process of its own (signals, locks held by another process, exit paths) uses run_module."""
+    result = run_in_process({command: (command, list(args), environ)}, timeout)[command]
+    return subprocess.CompletedProcess([command, *map(str, args)], result["code"], result["stdout"], result["stderr"])

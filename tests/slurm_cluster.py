@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import stop_process
 
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
@@ -115,7 +114,7 @@ class SlurmCluster:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         root = self.root
         for sub in ("munge", "munge/key", "state", "run", "log", *(f"spool/{n}" for n in self.nodes)):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -127,7 +126,8 @@ class SlurmCluster:
 
         host = socket.gethostname().split(".")[0]
         ctld_port, *node_ports = free_ports(1 + len(self.nodes))
-        nodes = "\n".join(NODE_LINE.format(name=n, host=host, port=p) for n, p in zip(self.nodes, node_ports))
+        nodes = "\n".join(NODE_LINE.format(name=n, host=host, port=p)
+                          for n, p in zip(self.nodes, node_ports, strict=True))
         self.conf.write_text(SLURM_CONF.format(
             host=host, ctld_port=ctld_port, root=root, cred_expire=CRED_EXPIRE_S, nodes=nodes,
             node_list=",".join(self.nodes)))
@@ -266,7 +266,9 @@ class SlurmCluster:
 
     def node_states(self) -> dict[str, str]:
         result = self.run("sinfo", "--noheader", "--Node", "--format=%N %t")
-        return dict(line.split() for line in result.stdout.splitlines() if line.strip()) if result.returncode == 0 else {}
+        if result.returncode != 0:
+            return {}
+        return dict(line.split() for line in result.stdout.splitlines() if line.strip())
 
     def logs(self, lines: int = 30) -> str:
         """The tails of the daemons' logs, for failure messages."""
@@ -293,16 +295,3 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
 
-
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """A running local SLURM with two nodes (n1, n2) on this host; stopped, by PID, after the module."""
-    require_slurm()
-    cluster = SlurmCluster(nodes=2)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        leftovers = cluster.stop()
-        if leftovers:
-            print("local SLURM: ended leftover processes:", *leftovers, sep="\n  ")

@@ -1,7 +1,7 @@
-"""Issue 8, items 3 and 5 with several processes: every rank agrees. Only the main process reads and
-writes the output folder and sends the checkpoint to every rank, so machines that share no filesystem
-resume exactly; data is checked to be the same everywhere; replicas that drift apart stop the run;
-a failed write ends every rank within seconds. Real torchrun and launch/multi_node.sh jobs on the CPU.
+"""Several processes, one run: every rank agrees. Only the main process reads and writes the output folder and
+sends the checkpoint to every rank, so machines that share no filesystem resume exactly; data is checked to be
+the same everywhere; replicas that drift apart stop the run; a failed write ends every rank within seconds.
+Real torchrun and launch/multi_node.sh jobs on the CPU.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, distmnist_tracebacks, env, free_port, worker_exit, write_mnist
+
 from distmnist.checkpoint import verify
 
 pytestmark = pytest.mark.slow

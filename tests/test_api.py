@@ -19,12 +19,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import BIN, ROOT, env, free_port, in_process, run_module, write_mnist
 from PIL import Image
 from safetensors.torch import load_file
 
 import distmnist
 from distmnist import evaluation, prediction, training
-from conftest import BIN, ROOT, env, free_port, run_module, write_mnist
 from distmnist.data import load_mnist
 
 # 600 train / 250 test synthetic images, 2 epochs: accuracy between chance and 100% (as test_train.py)
@@ -43,27 +43,31 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, \
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return proc
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> SimpleNamespace:
-    """The same 2-epoch run twice: distmnist.train() in this process, `python -m distmnist.train` beside it."""
+    """A 2-epoch run of distmnist.train() in this process, on 600 synthetic images."""
     root = tmp_path_factory.mktemp("api")
     data = write_mnist(root / "mnist")
-    cli = subprocess.Popen([sys.executable, "-m", "distmnist.train", "--data-dir", str(data), "--output-dir",
-                            str(root / "cli"), *FLAGS], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the command's OMP_NUM_THREADS=1 (conftest.env): bit-identical weights
     try:
         result = distmnist.train(data_dir=data, output_dir=root / "api", **OPTIONS)
     finally:
         torch.set_num_threads(threads)
-    out, err = cli.communicate(timeout=300)
-    check(subprocess.CompletedProcess(cli.args, cli.returncode, out, err))
-    return SimpleNamespace(root=root, data=data, result=result, api=root / "api", cli=root / "cli")
+    return SimpleNamespace(root=root, data=data, result=result, api=root / "api")
+
+
+@pytest.fixture(scope="module")
+def cli_run(runs) -> Path:
+    """The same run as `python -m distmnist.train` in a process of its own."""
+    out = runs.root / "cli"
+    check(run_module("train", "--data-dir", runs.data, "--output-dir", out, *FLAGS))
+    return out
 
 
 # ---------------------------------------------------------------- the package
@@ -110,9 +114,10 @@ def test_train_returns_typed_history_equal_to_what_it_wrote(runs):
     assert distmnist.load_run(runs.api) == result
 
 
-def test_train_is_the_command_lines_run(runs):
+@pytest.mark.slow
+def test_train_is_the_command_lines_run(runs, cli_run):
     """Same options, same engine: the same records (timings aside) and bit-identical weights."""
-    cli = distmnist.load_run(runs.cli)
+    cli = distmnist.load_run(cli_run)
     assert cli.finished and cli.run_id != runs.result.run_id
     assert untimed(cli.history) == untimed(runs.result.history)
     assert same_weights(cli.weights, runs.result.weights)
@@ -142,7 +147,8 @@ def test_validation_keeps_the_best_model_and_an_early_stopped_run_is_finished(ru
     assert result.finished and len(result.history) < 30  # stopped early: no better validation accuracy
     assert result.best == tmp_path / "val" / "best.safetensors" and result.best.is_file()
     assert all(r.extra.keys() == {"val_loss", "val_accuracy", "val_correct", "val_samples"} for r in result.history)
-    assert {r.extra["val_samples"] for r in result.history} == {100} and {r.train_samples for r in result.history} == {500}
+    assert {r.extra["val_samples"] for r in result.history} == {100}
+    assert {r.train_samples for r in result.history} == {500}
     assert distmnist.load_run(tmp_path / "val") == result
 
 
@@ -151,7 +157,7 @@ def test_validation_keeps_the_best_model_and_an_early_stopped_run_is_finished(ru
 
 def test_evaluate_returns_the_report_the_command_writes(runs, tmp_path):
     weights = str(runs.result.weights)
-    proc = run_module("evaluate", "--checkpoint", weights, "--data-dir", runs.data, "--no-download", "--progress",
+    proc = in_process("evaluate", "--checkpoint", weights, "--data-dir", runs.data, "--no-download", "--progress",
                       "none", "--output-json", tmp_path / "eval.json", "--mistakes", tmp_path / "mistakes.png",
                       "--mistakes-count", "6")
     check(proc)
@@ -169,7 +175,8 @@ def test_evaluate_returns_the_report_the_command_writes(runs, tmp_path):
     assert bf16.samples == 250 and bf16.loss == pytest.approx(report.loss, rel=0.02)
     via_folder = distmnist.evaluate(runs.api, no_download=True)
     assert via_folder.mistakes is None
-    assert via_folder.to_dict() == {k: v for k, v in report.to_dict().items() if k != "mistakes"} | {"checkpoint": str(runs.api)}
+    without_mistakes = {k: v for k, v in report.to_dict().items() if k != "mistakes"}
+    assert via_folder.to_dict() == without_mistakes | {"checkpoint": str(runs.api)}
 
 
 def test_predict_returns_what_the_command_prints(runs, tmp_path):
@@ -177,7 +184,7 @@ def test_predict_returns_what_the_command_prints(runs, tmp_path):
     drawn = tmp_path / "digit.png"
     Image.fromarray(255 - test.images[3].numpy()).resize((140, 140)).save(drawn)  # dark on light, 5x larger
     files = [str(ROOT / "docs" / "my-digit.png"), str(drawn)]
-    proc = check(run_module("predict", "--checkpoint", runs.result.weights, "--json", *files))
+    proc = check(in_process("predict", "--checkpoint", runs.result.weights, "--json", *files))
     printed = json.loads(proc.stdout)
     predicted = distmnist.predict(runs.result.weights, files)
     assert all(isinstance(p, distmnist.Prediction) for p in predicted)
@@ -186,7 +193,8 @@ def test_predict_returns_what_the_command_prints(runs, tmp_path):
     assert distmnist.predict(runs.result.weights, Image.open(drawn))[0].digit == predicted[1].digit
     # uint8 MNIST digits as they are: the whole test set agrees with evaluate's count
     everything = distmnist.predict(runs.result.weights, test.images)
-    assert sum(p.digit == label for p, label in zip(everything, test.labels.tolist())) == runs.result.final.test_correct
+    right = sum(p.digit == label for p, label in zip(everything, test.labels.tolist(), strict=True))
+    assert right == runs.result.final.test_correct
     assert everything[7].file == "images[0][7]"
     with pytest.raises(distmnist.DistmnistError, match=r"images\[0\]: arrays must be uint8 MNIST digits"):
         distmnist.predict(runs.result.weights, np.zeros((28, 28), np.float32))
@@ -241,7 +249,8 @@ def test_python_values_are_type_checked_like_a_config_files(tmp_path, capsys):
     with pytest.raises(distmnist.DistmnistError) as raised:
         distmnist.train(epochs="3")
     assert str(raised.value) == message.replace(f"--config {config}", "distmnist.train()")
-    with pytest.raises(distmnist.DistmnistError, match=r"unknown option 'lrr'; did you mean lr\? \(the options are config and"):
+    with pytest.raises(distmnist.DistmnistError,
+                       match=r"unknown option 'lrr'; did you mean lr\? \(the options are config and"):
         distmnist.train(lrr=0.1)
     # Path objects and numpy numbers are what notebooks pass
     with pytest.raises(distmnist.DistmnistError, match="--epochs must be between 1 and 1,000,000, got 0"):
@@ -294,6 +303,7 @@ def test_every_function_answers_a_wrong_call_with_distmnists_error(runs, tmp_pat
     assert len(distmnist.predict(weights, [ROOT / "docs" / "my-digit.png"])[0].top(10)) == 10
 
 
+@pytest.mark.slow
 def test_a_second_train_in_the_same_process_while_one_runs_is_refused(runs, tmp_path):
     code = textwrap.dedent(f"""
         import threading, time, distmnist
@@ -327,7 +337,7 @@ def test_a_second_train_in_the_same_process_while_one_runs_is_refused(runs, tmp_
 
 def test_missing_data_raises_the_command_lines_message(tmp_path):
     nowhere = tmp_path / "no-mnist"
-    proc = run_module("train", "--data-dir", nowhere, "--output-dir", tmp_path / "cli", "--no-download")
+    proc = in_process("train", "--data-dir", nowhere, "--output-dir", tmp_path / "cli", "--no-download")
     assert proc.returncode == 2
     with pytest.raises(distmnist.DistmnistError) as raised:
         distmnist.train(data_dir=nowhere, output_dir=tmp_path / "api", no_download=True, progress="none")
@@ -353,7 +363,8 @@ def test_a_signal_raises_run_stopped_and_resume_finishes(runs, tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=stop_after_the_first_checkpoint, daemon=True).start()
-    with pytest.raises(distmnist.RunStopped, match=r"stopped by SIGTERM at (epoch \d+ step|the end of epoch)") as raised:
+    stopped_at = r"stopped by SIGTERM at (epoch \d+ step|the end of epoch)"
+    with pytest.raises(distmnist.RunStopped, match=stopped_at) as raised:
         distmnist.train(data_dir=runs.data, output_dir=out, **{**OPTIONS, "epochs": 500})
     assert (raised.value.signum, raised.value.exit_code) == (signal.SIGTERM, 143)
     assert signal.getsignal(signal.SIGTERM) == previous  # the handlers are the caller's again

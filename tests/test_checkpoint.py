@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import checkpoint_state, metrics_record
 from safetensors.torch import load_file, save_file
 
+from distmnist.catalogue import checkpoint_name, newest_valid, scan
 from distmnist.checkpoint import load_checkpoint, load_weights, save_weights, unflatten_optimizer, write_checkpoint
 from distmnist.errors import DistmnistError
 from distmnist.model import Net, parameter_count, to_input
-from distmnist.catalogue import checkpoint_name, newest_valid, scan
 from distmnist.rundir import prune
-
-from conftest import checkpoint_state, metrics_record
 
 KEYS = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 

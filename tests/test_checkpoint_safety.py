@@ -1,5 +1,4 @@
-"""Issue 4, items 1 and 2: a crash during a save never costs the previous checkpoint, and no bad file
-is ever trusted.
+"""A crash during a save never costs the previous checkpoint, and no bad file is ever trusted.
 
 Faults are injected from outside the tool: a driver script replaces ``safetensors`` writes (or
 ``shutil.rmtree``) with versions that SIGKILL the process half-way, and the checkpoint files are
@@ -21,15 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, checkpoint_state, env, run_in_process, run_module, write_mnist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, checkpoint_state, env, run_in_process, run_module, write_mnist
+from distmnist.catalogue import scan
 from distmnist.checkpoint import load_checkpoint, load_weights, read_tensors, sha256, verify, write_checkpoint
 from distmnist.errors import DistmnistError
 from distmnist.model import Net
-from distmnist.catalogue import scan
 
 FAST = ("--progress", "plain", "--batch-size", "50")
 
@@ -42,7 +41,7 @@ def weights_bytes(out: Path) -> bytes:
     return (out / "model.safetensors").read_bytes()
 
 
-# ---------------------------------------------------------------- item 1: SIGKILL during a save
+# ---------------------------------------------------------------- SIGKILL during a save
 
 # Runs distmnist.train.main in this process after wrapping one function used by distmnist.checkpoint so
 # that the process SIGKILLs itself in the middle of a save: nothing in distmnist knows about it.
@@ -108,7 +107,8 @@ def runs(data, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedPr
         "trained": [sys.executable, "-m", "distmnist.train", *train_args(data, outs["trained"], "--epochs", "3")],
         # write_bytes calls 1-5 write epoch 1's files (model, optimizer, rng, state, manifest); call 7 is epoch
         # 2's optimizer.safetensors
-        "died-saving": [sys.executable, "-c", DRIVER, "write_bytes", "7", *train_args(data, outs["died-saving"], *keep)],
+        "died-saving": [sys.executable, "-c", DRIVER, "write_bytes", "7",
+                        *train_args(data, outs["died-saving"], *keep)],
         "died-pruning": [sys.executable, "-c", DRIVER, "rmtree", "0", *train_args(data, outs["died-pruning"], *keep)],
     })
     return {name: (outs[name], results[name]) for name in outs}
@@ -123,6 +123,7 @@ def trained(runs) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_epoch_2_keeps_epoch_1_and_resume_auto_finishes(data, runs, trained):
     out, died = runs["died-saving"]
     assert died.returncode == -signal.SIGKILL, died.stderr
@@ -150,6 +151,7 @@ def test_sigkill_while_writing_epoch_2_keeps_epoch_1_and_resume_auto_finishes(da
     assert epochs == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigkill_while_pruning_happens_only_after_the_new_checkpoint_is_complete(data, runs, trained):
     out, died = runs["died-pruning"]
     assert died.returncode == -signal.SIGKILL, died.stderr
@@ -183,7 +185,7 @@ def test_a_save_removes_temp_folders_left_by_crashed_saves(tmp_path):
     assert load_checkpoint(root / "epoch-0002").epoch == 2
 
 
-# ---------------------------------------------------------------- item 2: verified loading
+# ---------------------------------------------------------------- verified loading
 
 
 class Marker:
@@ -330,16 +332,31 @@ FILE_CASES = {
     "other_architecture": (rewrite_file(other_architecture), "architecture"),
 }
 
+
 @pytest.fixture(scope="module")
-def refused(trained, data, tmp_path_factory):
-    """Every damaged checkpoint through `train --resume PATH` and `evaluate --checkpoint PATH`."""
+def good(data, tmp_path_factory) -> Path:
+    """A finished 1-epoch run (epoch-0001 and model.safetensors): what the damage tests start from."""
+    out = tmp_path_factory.mktemp("good") / "run"
+    result = run_in_process({"train": ("train", train_args(data, out, "--epochs", "1"), {})})["train"]
+    assert result["code"] == 0, result["stderr"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def refused(good, data, tmp_path_factory):
+    """Every damaged checkpoint through `train --resume PATH` and `evaluate --checkpoint PATH` (and an intact
+    copy through both, which must be accepted), in the session's one interpreter."""
     work = tmp_path_factory.mktemp("damaged")
     marker = work / "UNPICKLED"
-    good = trained / "checkpoints" / "epoch-0001"
-    cases, expected = {}, {}
+    source = good / "checkpoints" / "epoch-0001"
+    intact = shutil.copytree(source, work / "intact")
+    cases = {"train:intact": ("train", train_args(data, work / "out-intact", "--epochs", "2", "--resume", intact), {}),
+             "evaluate:intact": ("evaluate", ["--checkpoint", intact, "--data-dir", data, "--progress", "none",
+                                              "--output-json", work / "intact.json"], {})}
+    expected = {}
     for name, (damage, file, words) in CASES.items():
         folder = work / name
-        shutil.copytree(good, folder)
+        shutil.copytree(source, folder)
         damage(folder, marker)
         for command in ("train", "evaluate"):
             if command == "train":
@@ -354,11 +371,22 @@ def refused(trained, data, tmp_path_factory):
         if damage is None:
             file.write_bytes(pickle.dumps(Marker(marker)))
         else:
-            shutil.copy(trained / "model.safetensors", file)
+            shutil.copy(good / "model.safetensors", file)
             damage(file)
         cases[f"evaluate-file:{name}"] = ("evaluate", ["--checkpoint", str(file), "--data-dir", str(data)], {})
         expected[f"evaluate-file:{name}"] = (file, words)
     return run_in_process(cases), expected, marker
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_an_intact_copy_is_accepted_so_the_damage_is_what_is_refused(refused, command):
+    results, _, marker = refused
+    got = results[f"{command}:intact"]
+    assert got["code"] == 0 and "Traceback" not in got["stderr"], got["stderr"]
+    if command == "train":
+        assert f"resumed from {marker.parent / 'intact'}" in got["stdout"]
+    else:
+        assert json.loads((marker.parent / "intact.json").read_text())["test_samples"] == 120
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
@@ -386,6 +414,7 @@ def test_nothing_is_ever_unpickled(refused):
     assert marker.parent.is_dir() and not marker.exists()
 
 
+@pytest.mark.slow
 def test_resume_auto_falls_back_to_newest_valid_with_a_notice(trained, data, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
@@ -417,8 +446,8 @@ json_objects = st.dictionaries(MANIFEST_KEYS | st.text(max_size=6), json_values,
 
 
 @pytest.fixture(scope="module")
-def pristine(trained, tmp_path_factory) -> Path:
-    return trained / "checkpoints" / "epoch-0001"
+def pristine(good) -> Path:
+    return good / "checkpoints" / "epoch-0001"
 
 
 @settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

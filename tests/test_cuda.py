@@ -10,13 +10,14 @@ import json
 import os
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 import torch
-
 from conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# training runs on the real data set, on a GPU
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 class FirstBatches(list):
@@ -60,7 +61,7 @@ def per_step_losses(data_dir, graphs: bool, steps: int = 12) -> list[float]:
             cumulative.append(running_loss() * step * 100)
 
     Engine(accelerator, model, optimizer, cuda_graphs=graphs).train_epoch(batches, Record())
-    return [b - a for a, b in zip([0.0] + cumulative, cumulative)]
+    return [b - a for a, b in pairwise([0.0, *cumulative])]
 
 
 def test_first_steps_losses_match_eager(real_mnist):

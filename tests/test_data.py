@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import idx_bytes, write_mnist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import idx_bytes, write_mnist
 from distmnist.batches import LoaderBatches, ResidentBatches, TrainOrder, eval_batches, eval_shard, train_batches
 from distmnist.data import FILES, Split, load_mnist, read_idx, read_split
 from distmnist.errors import DistmnistError
@@ -44,14 +44,14 @@ def test_load_mnist_finds_every_layout(tmp_path, layout):
     assert train.images.dtype == torch.uint8 and tuple(train.images.shape) == (30, 28, 28)
     assert train.labels.dtype == torch.int64 and int(train.labels.max()) <= 9
     # synthetic digits light up band k for class k: pixel rows 2k+4..2k+6 are 255
-    for image, label in zip(test.images, test.labels):
+    for image, label in zip(test.images, test.labels, strict=True):
         assert bool((image[2 * int(label) + 5, 4:24] == 255).all())
 
 
 def test_gz_and_plain_give_the_same_tensors(tmp_path):
     a = load_mnist(write_mnist(tmp_path / "a", n_train=20, n_test=10, seed=3), allow_download=False)
     b = load_mnist(write_mnist(tmp_path / "b", n_train=20, n_test=10, seed=3, gz=True), allow_download=False)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
 
 

@@ -1,6 +1,6 @@
-"""Issue 4, item 7: determinism and load. The same seed and world size give bit-identical weights in
-two runs on the CPU; 4 processes on a 2-core machine (oversubscribed) still finish, and count every
-test image exactly once (251 test images: not a multiple of 4)."""
+"""Determinism and load. The same seed and world size give bit-identical weights in two runs on the CPU; 4
+processes on a 2-core machine (oversubscribed) still finish, and count every test image exactly once (251 test
+images: not a multiple of 4)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, env, torchrun, write_mnist
 from safetensors.torch import load_file
 
-from conftest import ROOT, env, torchrun, write_mnist
 from distmnist.data import load_mnist
 from distmnist.model import Net, to_input
 
@@ -26,6 +26,7 @@ def data(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("determinism") / "mnist", n_train=600, n_test=N_TEST)
 
 
+@pytest.mark.slow
 def test_same_seed_and_world_size_give_bit_identical_weights(data, tmp_path):
     runs = {"a": 3, "b": 3}  # side by side: two cores, two processes
     procs = {name: subprocess.Popen([sys.executable, "-m", "distmnist.train", "--data-dir", str(data),

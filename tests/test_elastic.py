@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import BIN, ROOT, distmnist_tracebacks, env, free_port, torchrun, write_mnist
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +92,8 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_bit_identical(data, refer
     assert time.monotonic() - started < 200
 
 
-@pytest.mark.skipif(not os.environ.get("DISTMNIST_ELASTIC_TRIALS"), reason="the long trial: set DISTMNIST_ELASTIC_TRIALS=N")
+@pytest.mark.skipif(not os.environ.get("DISTMNIST_ELASTIC_TRIALS"),
+                    reason="the long trial: set DISTMNIST_ELASTIC_TRIALS=N")
 def test_many_restart_trials_in_a_row(data, reference, tmp_path):
     """The long trial (DISTMNIST_ELASTIC_TRIALS=10 python -m pytest tests/test_elastic.py -k many -s): each
     trial kills a worker at another step, alternating ranks; every one must end rc 0 and bit-identical."""
@@ -125,7 +125,8 @@ def test_a_global_batch_continues_its_trajectory_on_fewer_machines(real_mnist, t
              "--rdzv-conf=last_call_timeout=8,join_timeout=60,keep_alive_interval=1,keep_alive_max_attempt=3",
              "-m", "distmnist.train", "--data-dir", str(real_mnist), "--output-dir", str(out), *recipe, *ELASTIC]
     logs = [open(tmp_path / f"agent{i}.log", "w+") for i in range(2)]
-    first = subprocess.Popen(agent, cwd=ROOT, env=env(), stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(agent, cwd=ROOT, env=env(), stdout=logs[0], stderr=subprocess.STDOUT,
+                             start_new_session=True)
     time.sleep(2)  # the first agent hosts the rendezvous store; the second joins within its last call (8 s)
     second = subprocess.Popen(agent, cwd=ROOT, env=env(), stdout=logs[1], stderr=subprocess.STDOUT,
                               start_new_session=True)

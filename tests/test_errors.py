@@ -1,6 +1,6 @@
-"""Issue 8, item 5: every failure is one line. Each input that used to end in a traceback (or eat
-memory) now exits 2 with one line naming what is wrong. The cases run through the real entry points,
-train.main(argv) and evaluate.main(argv), in one process (one torch import instead of twenty).
+"""Every failure is one line. Each input that used to end in a traceback (or eat memory) now exits 2 with
+one line naming what is wrong. The cases run through the real entry points, train.main(argv) and
+evaluate.main(argv), in the session's one in-process driver (one torch import instead of twenty).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import in_process, run_in_process, write_mnist
 
-from conftest import run_in_process, run_module, write_mnist
 from distmnist.checkpoint import load_checkpoint, sha256, unflatten_optimizer, write_checkpoint
 
 BILLION_LAUGHS = textwrap.dedent(
@@ -50,7 +50,7 @@ def cases(tmp_path_factory):
     work = tmp_path_factory.mktemp("errors")
     data = write_mnist(work / "mnist", n_train=100, n_test=50)
     run = work / "run"
-    proc = run_module("train", "--data-dir", data, "--output-dir", run, "--epochs", "1", "--batch-size", "50",
+    proc = in_process("train", "--data-dir", data, "--output-dir", run, "--epochs", "1", "--batch-size", "50",
                       "--progress", "none")
     assert proc.returncode == 0, proc.stderr
     good = run / "checkpoints" / "epoch-0001"
@@ -89,8 +89,9 @@ def cases(tmp_path_factory):
                                     [str(work / "a-file"), "which is a file"]),
         "symlinked-checkpoint": ("train", [*base, "--output-dir", out, "--resume", str(work / "link")], {},
                                  [str(work / "link"), "symlink"]),
-        "metrics-lack-a-field": ("train", [*base, "--output-dir", out, "--resume", str(work / "no-field" / "epoch-0001")],
-                                 {}, ["state.json", "lacks test_loss"]),
+        "metrics-lack-a-field": ("train", [*base, "--output-dir", out, "--resume",
+                                           str(work / "no-field" / "epoch-0001")], {},
+                                 ["state.json", "lacks test_loss"]),
         "manifest-escapes": ("train", [*base, "--output-dir", out, "--resume", str(escape)], {},
                              [str(escape / "manifest.json"), "'../../x'", "not a plain file name"]),
         "manifest-absolute": ("evaluate", ["--checkpoint", str(absolute), "--data-dir", str(data)], {},
@@ -104,9 +105,10 @@ def cases(tmp_path_factory):
     return run_in_process(argv), {name: words for name, (*_, words) in table.items()}, work
 
 
-CASE_NAMES = ["non-utf8-config", "billion-laughs", "duplicate-key", "dist-timeout-inf", "seed-2**64-1", "world-size-abc",
-              "output-dir-is-a-file", "output-dir-under-a-file", "symlinked-checkpoint", "metrics-lack-a-field",
-              "manifest-escapes", "manifest-absolute", "symlinked-weights", "output-json-folder"]
+CASE_NAMES = ["non-utf8-config", "billion-laughs", "duplicate-key", "dist-timeout-inf", "seed-2**64-1",
+              "world-size-abc", "output-dir-is-a-file", "output-dir-under-a-file", "symlinked-checkpoint",
+              "metrics-lack-a-field", "manifest-escapes", "manifest-absolute", "symlinked-weights",
+              "output-json-folder"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)

@@ -1,7 +1,6 @@
-"""Issue 4, item 5: failing ranks. Two processes under torchrun on the CPU (gloo); one worker is
-SIGKILLed (it dies) or SIGSTOPped (it hangs, as a frozen node would) in the middle of training.
-The job must end non-zero within 60 s instead of hanging; for the hung rank the survivor must say
-that --dist-timeout ran out. No process may be left behind.
+"""Failing ranks. Two processes under torchrun on the CPU (gloo); one worker is SIGKILLed (it dies) or SIGSTOPped
+(it hangs, as a frozen node would) in the middle of training. The job must end non-zero within 60 s instead of
+hanging; for the hung rank the survivor must say that --dist-timeout ran out. No process may be left behind.
 """
 
 from __future__ import annotations
@@ -16,12 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, env, free_port, worker_exit, write_mnist
 
 pytestmark = pytest.mark.slow
 
-JOB_LIMIT_S = 60  # the issue's bound for the job to end after a rank dies or hangs
+JOB_LIMIT_S = 60  # the promised bound for the job to end after a rank dies or hangs
 DIST_TIMEOUT_S = 10
 
 

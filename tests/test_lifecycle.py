@@ -2,13 +2,13 @@
 process before a collective ends every rank within seconds with one line; the lock is never written
 through a symlink and a file system without flock is named; a failed train() leaves no lock behind;
 format 1 checkpoints still resume exactly; implausible checkpoint values are refused; the fp16 loss
-scale survives a checkpoint; nothing set up grows with the run's length.
+scale survives a checkpoint; nothing set up grows with the run's length. One-process runs go through the
+session's in-process driver (conftest.in_process); torchrun and the memory measurement use processes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,8 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    BIN,
+    ROOT,
+    checkpoint_state,
+    distmnist_tracebacks,
+    env,
+    free_port,
+    in_process,
+    run_in_process,
+    write_mnist,
+)
 
-from conftest import BIN, ROOT, distmnist_tracebacks, env, free_port, run_in_process, run_module, write_mnist
 from distmnist.checkpoint import load_checkpoint, unflatten_optimizer, write_checkpoint
 from distmnist.errors import DistmnistError
 
@@ -46,7 +56,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    proc = run_module("train", "--data-dir", data, "--output-dir", out, "--epochs", "2", "--batch-size", "50",
+    proc = in_process("train", "--data-dir", data, "--output-dir", out, "--epochs", "2", "--batch-size", "50",
                       "--progress", "none")
     assert proc.returncode == 0, proc.stderr
     return out
@@ -91,7 +101,7 @@ def test_an_error_on_rank_0_ends_every_rank_within_seconds(data, tmp_path, where
     script.write_text(FAIL_ON_RANK_0)
     out = tmp_path / "out"
     if where == "scan":  # a run to resume, so that the listing is read
-        assert run_module("train", "--data-dir", data, "--output-dir", out, "--epochs", "1",
+        assert in_process("train", "--data-dir", data, "--output-dir", out, "--epochs", "1",
                           "--progress", "none").returncode == 0
     cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", str(script), "--data-dir",
            str(data), "--output-dir", str(out), "--epochs", "2", "--progress", "none", "--dist-timeout", "300",
@@ -113,13 +123,13 @@ def test_lock_file_and_checkpoint_symlinks_are_never_followed(data, run, tmp_pat
     outside.write_text("keep me")
     (out / ".lock.json").unlink(missing_ok=True)
     (out / ".lock.json").symlink_to(outside)
-    proc = run_module("train", "--output-dir", out, "--resume", "auto", "--epochs", "3")
+    proc = in_process("train", "--output-dir", out, "--resume", "auto", "--epochs", "3")
     one_line(proc, 2, ".lock.json is a symlink; distmnist never writes through one")
     assert outside.read_text() == "keep me"
     (out / ".lock.json").unlink()
     # a symlinked checkpoint folder newer than every real one: skipped, and said so
     (out / "checkpoints" / "epoch-0009").symlink_to(out / "checkpoints" / "epoch-0002")
-    proc = run_module("train", "--output-dir", out, "--resume", "auto", "--epochs", "3")
+    proc = in_process("train", "--output-dir", out, "--resume", "auto", "--epochs", "3")
     assert proc.returncode == 0, proc.stderr
     assert f"skipping invalid checkpoint {out / 'checkpoints' / 'epoch-0009'}: checkpoint folder is a symlink" in \
         proc.stdout
@@ -127,27 +137,26 @@ def test_lock_file_and_checkpoint_symlinks_are_never_followed(data, run, tmp_pat
 
 
 def test_the_python_api_releases_the_folder_when_set_up_fails(data, tmp_path):
-    code = textwrap.dedent(f"""
-        import distmnist
-        out = {str(tmp_path / 'api')!r}
-        try:
-            distmnist.train(data_dir={str(data)!r}, output_dir=out, epochs=1, lr_schedule="cosine",
-                            warmup_steps=10**6, progress="none")
-        except distmnist.DistmnistError as err:
-            print("first:", err)
-        result = distmnist.train(data_dir={str(data)!r}, output_dir=out, epochs=1, progress="none")
-        print("second:", result.finished, len(result.history))
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=env())
-    assert proc.returncode == 0, proc.stderr
-    assert "first: --warmup-steps 1,000,000 must be less than the run's 4 optimizer steps" in proc.stdout
-    assert "second: True 1" in proc.stdout
+    """distmnist.train() in this process: a call that fails in set-up leaves no lock behind for the next."""
+    import distmnist
+
+    out = tmp_path / "api"
+    with pytest.raises(distmnist.DistmnistError, match="--warmup-steps 1,000,000 must be less than the run's 4 "
+                                                       "optimizer steps"):
+        distmnist.train(data_dir=data, output_dir=out, epochs=1, lr_schedule="cosine", warmup_steps=10**6,
+                        progress="none")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the commands' OMP_NUM_THREADS=1 (conftest.env)
+    try:
+        result = distmnist.train(data_dir=data, output_dir=out, epochs=1, progress="none")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.finished and len(result.history) == 1
 
 
 def test_resume_with_an_empty_path_says_what_it_needs(data, tmp_path):
-    result = run_in_process({"empty": ("train", ["--data-dir", str(data), "--output-dir", str(tmp_path / "o"),
-                                                 "--resume", ""], {})})["empty"]
+    result = run_in_process({"empty": ("train", ["--data-dir", data, "--output-dir", tmp_path / "o", "--resume", ""],
+                                       {})})["empty"]
     assert result["code"] == 2 and result["stderr"].strip() == (
         "distmnist: error: --resume needs 'auto' or a path: a checkpoint folder (RUN/checkpoints/epoch-NNNN) or a "
         "run folder"), result
@@ -164,9 +173,9 @@ def test_a_format_1_checkpoint_resumes_exactly(tmp_path):
     ckpt = load_checkpoint(V1)
     assert ckpt.state.mid_epoch.step == 3 and ckpt.state.data.digest is None and ckpt.state.step == 11
     whole = tmp_path / "whole"
-    assert run_module("train", "--data-dir", data, "--output-dir", whole, *V1_RECIPE).returncode == 0
+    assert in_process("train", "--data-dir", data, "--output-dir", whole, *V1_RECIPE).returncode == 0
     out = tmp_path / "out"
-    proc = run_module("train", "--data-dir", data, "--output-dir", out, "--resume", V1, "--epochs", "3")
+    proc = in_process("train", "--data-dir", data, "--output-dir", out, "--resume", V1, "--epochs", "3")
     assert proc.returncode == 0, proc.stderr
     assert "at step 3" in proc.stdout and "restarts from its first step" not in proc.stdout
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
@@ -234,7 +243,6 @@ def test_the_fp16_loss_scale_survives_a_checkpoint(tmp_path):
     """The GradScaler's state goes into the checkpoint and back (on the CPU, where torch allows a scaler;
     tests/test_cuda.py resumes a real fp16 run exactly on a GPU)."""
     from distmnist.resume import load_training_state
-    from conftest import checkpoint_state
 
     model = torch.nn.Linear(2, 2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)

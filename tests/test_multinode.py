@@ -1,6 +1,6 @@
-"""Issue 4, item 6: several machines, simulated on one host over loopback. Two "machines" with one
-process each (machine ranks 0 and 1, main address 127.0.0.1), started through launch/multi_node.sh,
-must train exactly as 2 processes on one machine: bit-identical weights.
+"""Several machines, simulated on one host over loopback. Two "machines" with one process each (machine ranks 0
+and 1, main address 127.0.0.1), started through launch/multi_node.sh, must train exactly as 2 processes on one
+machine: bit-identical weights.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, env, free_port, write_mnist
 
 pytestmark = pytest.mark.slow
@@ -64,7 +63,7 @@ def test_two_machines_over_loopback_match_two_processes_on_one_machine(tmp_path)
     assert "world size: 2" in results["machine 0"][0]
     assert not (tmp_path / "node1" / "model.safetensors").exists() and results["machine 1"][0].strip() == ""
     for out in ("node0", "single"):
-        records = [json.loads(l) for l in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
         assert [(r["world_size"], r["test_samples"]) for r in records] == [(2, N_TEST)] * 2
 
     two_machines = tmp_path / "node0"

@@ -15,9 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, accelerate_launch, env, run_module, torchrun, write_mnist
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

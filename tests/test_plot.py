@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import in_process, write_mnist
 from PIL import Image
 
-from conftest import run_module, write_mnist
 from distmnist.errors import DistmnistError
 from distmnist.plot import main as plot_main
 from distmnist.plot import read_metrics, require_matplotlib
@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory) -> Path:
     """A 2-epoch run on 600 synthetic images: metrics.jsonl, checkpoints and model.safetensors."""
     root = tmp_path_factory.mktemp("plot-run")
     data = write_mnist(root / "mnist")
-    r = run_module("train", "--data-dir", data, "--no-download", "--epochs", "2", "--output-dir", root / "run",
+    r = in_process("train", "--data-dir", data, "--no-download", "--epochs", "2", "--output-dir", root / "run",
                    "--progress", "none")
     assert r.returncode == 0, r.stderr
     return root / "run"
@@ -36,16 +36,14 @@ def assert_valid_png(path: Path) -> None:
     assert pixels.std() > 0, f"{path} is blank"
 
 
-@pytest.mark.slow
 def test_plot_command_writes_four_pngs_into_run_dir_plots(run_dir):
-    r = run_module("plot", run_dir, "--progress", "plain")
+    r = in_process("plot", run_dir, "--progress", "plain")
     assert r.returncode == 0, r.stderr
     for name in PLOTS:
         assert f"wrote {run_dir / 'plots' / name}" in r.stdout
         assert_valid_png(run_dir / "plots" / name)
 
 
-@pytest.mark.slow
 def test_out_folder_and_kernels_from_a_checkpoint_while_the_run_is_unfinished(run_dir, tmp_path, capsys):
     unfinished = tmp_path / "run"
     unfinished.mkdir()

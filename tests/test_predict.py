@@ -1,7 +1,7 @@
 """predict: any image of a digit, made the way MNIST's digits were, gets the right answer.
 
-A model trained for one epoch on the real MNIST (about 15 s on one CPU thread) classifies real
-test images saved as PNG and JPEG, in both polarities and at another size, and a digit drawn here.
+A model trained for one epoch on the real MNIST (conftest.trained_run) classifies real test images
+saved as PNG and JPEG, in both polarities and at another size, and a digit drawn here.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import in_process
 from PIL import Image, ImageDraw
 
-from conftest import run_module
 from distmnist.checkpoint import save_weights
 from distmnist.data import load_mnist
 from distmnist.digits import MAX_PIXELS, ImageTooLarge, mnist_digit, read_digit
@@ -26,20 +26,6 @@ from distmnist.errors import DistmnistError
 from distmnist.model import Net
 from distmnist.prediction import load_model, predict
 from distmnist.prediction import main as predict_main
-
-_TRAINED: dict[str, Path] = {}  # one training run per test session
-
-
-@pytest.fixture
-def trained_run(real_mnist, tmp_path_factory) -> Path:
-    """The output folder of a 1-epoch run on the real MNIST, trained once per session (also for test_serve)."""
-    if "run" not in _TRAINED:
-        out = tmp_path_factory.mktemp("predict-run")
-        r = run_module("train", "--data-dir", real_mnist, "--no-download", "--epochs", "1", "--output-dir", out,
-                       "--progress", "none")
-        assert r.returncode == 0, r.stderr
-        _TRAINED["run"] = out
-    return _TRAINED["run"]
 
 
 @pytest.fixture
@@ -83,11 +69,11 @@ def test_real_test_images_in_both_polarities_and_other_sizes(trained, real_mnist
             image.save(path)
             files.append(path)
             labels.append(int(test.labels[i]))
-    r = run_module("predict", "--checkpoint", trained, "--json", *files)
+    r = in_process("predict", "--checkpoint", trained, "--json", *files)
     assert r.returncode == 0, r.stderr
     results = json.loads(r.stdout)
     assert [Path(x["file"]) for x in results] == files
-    wrong = [(x["file"], x["digit"], label) for x, label in zip(results, labels) if x["digit"] != label]
+    wrong = [(x["file"], x["digit"], label) for x, label in zip(results, labels, strict=True) if x["digit"] != label]
     assert not wrong, wrong
     for x in results:
         assert math.isclose(sum(x["probabilities"]), 1.0, rel_tol=1e-4)
@@ -151,7 +137,8 @@ def test_saved_inputs_never_overwrite(tmp_path, monkeypatch):
     assert predict_main(args) == 0  # a second run adds files and leaves the first ones as they were
     after = {p.name: p.read_bytes() for p in seen.iterdir()}
     assert len(after) == 8 and all(after[name] == data for name, data in first.items())
-    assert after["digit-3.28x28.png"] == first["digit.28x28.png"] and after["digit-4.28x28.png"] == first["digit-2.28x28.png"]
+    assert after["digit-3.28x28.png"] == first["digit.28x28.png"]
+    assert after["digit-4.28x28.png"] == first["digit-2.28x28.png"]
 
 
 # ---------------------------------------------------------------- the MNIST-like conversion
@@ -206,7 +193,8 @@ def seven_8bit() -> np.ndarray:
 
 
 def formats(folder: Path) -> dict[str, Path]:
-    """The same 7 as an 8-bit PNG, a 16-bit PNG (full and 12-bit range), float TIFFs and a GIF with a blank first frame."""
+    """The same 7 as an 8-bit PNG, a 16-bit PNG (full and 12-bit range), float TIFFs and a GIF with a blank
+    first frame."""
     image = seven_8bit()
     files = {name: folder / name for name in
              ("8bit.png", "16bit.png", "12bit-in-16bit.png", "float01.tiff", "float-signed.tiff", "blank-first.gif")}
@@ -299,6 +287,6 @@ def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_every_format_is_read_as_the_same_seven(trained, tmp_path):
     files = formats(tmp_path)
-    r = run_module("predict", "--checkpoint", trained, "--json", *files.values())
+    r = in_process("predict", "--checkpoint", trained, "--json", *files.values())
     assert r.returncode == 0, r.stderr
     assert [x["digit"] for x in json.loads(r.stdout)] == [7] * len(files), r.stdout

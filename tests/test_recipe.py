@@ -1,23 +1,23 @@
 """One run, one recipe: a bare `--resume auto` continues the run as it was (its data folder, batch, lr,
 limits), only what the command sets overrides it; the folder's lifecycle holds whatever fails; the
-launcher's settings are honoured or refused; nothing set up grows with the run's length. Real
-`python -m distmnist.train` and torchrun runs on synthetic data, asserting exit codes, messages and bytes.
+launcher's settings are honoured or refused; a run stopped mid-epoch resumes exactly. Real train
+commands on synthetic data, asserting exit codes, messages and bytes: through the session's in-process
+driver (conftest.in_process) where one command is the point, in processes of their own where a real
+signal ends them, and under torchrun and accelerate launch.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, in_process, run_in_process, torchrun, write_mnist
 
-from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, run_in_process, run_module, torchrun, write_mnist
 from distmnist.checkpoint import load_checkpoint
 
 # not the defaults: a bare resume that fell back to them would train another recipe
@@ -56,14 +56,14 @@ def data(tmp_path_factory) -> Path:
 def whole(data, tmp_path_factory) -> Path:
     """The uninterrupted run of the full command line, 2 epochs."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    assert_ok(run_module("train", "--data-dir", data, "--output-dir", out, *RECIPE, "--epochs", "2"))
+    assert_ok(in_process("train", "--data-dir", data, "--output-dir", out, *RECIPE, "--epochs", "2"))
     return out
 
 
 def test_a_bare_resume_continues_the_recorded_recipe_bit_identically(data, whole, tmp_path):
     out = tmp_path / "cut"
-    assert_ok(run_module("train", "--data-dir", data, "--output-dir", out, *RECIPE, "--epochs", "1"))
-    resumed = run_module("train", "--output-dir", out, "--resume", "auto", "--epochs", "2")
+    assert_ok(in_process("train", "--data-dir", data, "--output-dir", out, *RECIPE, "--epochs", "1"))
+    resumed = in_process("train", "--output-dir", out, "--resume", "auto", "--epochs", "2")
     assert_ok(resumed)
     assert "resuming with changed settings: epochs 1 -> 2" in resumed.stdout  # the one override, announced
     assert "changed settings: epochs 1 -> 2\n" in resumed.stdout + "\n"  # and nothing else changed
@@ -90,7 +90,7 @@ def test_only_what_the_command_sets_overrides_and_a_config_file_counts_as_set(da
     shutil.copytree(whole, out)
     override = tmp_path / "more.yaml"
     override.write_text("epochs: 3\nlr: 0.02\n")
-    resumed = run_module("train", "--output-dir", out, "--resume", "auto", "--config", override)
+    resumed = in_process("train", "--output-dir", out, "--resume", "auto", "--config", override)
     assert_ok(resumed)
     assert "resuming with changed settings: epochs 2 -> 3, lr 0.05 -> 0.02" in resumed.stdout
     config = json.loads((out / "config.json").read_text())
@@ -103,13 +103,13 @@ def test_overwrite_never_deletes_before_the_resume_source_is_read(data, whole, t
     shutil.copytree(whole, out)
     before = files(out)
     missing = out / "checkpoints" / "epoch-0009"
-    one_line(run_module("train", "--output-dir", out, "--overwrite", "--resume", missing), 2, "no such checkpoint")
+    one_line(in_process("train", "--output-dir", out, "--overwrite", "--resume", missing), 2, "no such checkpoint")
     assert files(out) == before  # nothing deleted for a start that failed
-    one_line(run_module("train", "--output-dir", out, "--overwrite", "--resume", "auto"), 2,
+    one_line(in_process("train", "--output-dir", out, "--overwrite", "--resume", "auto"), 2,
              "--overwrite deletes the run that --resume auto would continue")
     assert files(out) == before
     # a checkpoint of the run itself: read first, then the folder starts over from it
-    again = run_module("train", "--output-dir", out, "--overwrite", "--resume", out / "checkpoints" / "epoch-0001")
+    again = in_process("train", "--output-dir", out, "--overwrite", "--resume", out / "checkpoints" / "epoch-0001")
     assert_ok(again)
     assert "--overwrite: deleted run" in again.stdout
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
@@ -159,12 +159,13 @@ def stopped_after(step: int, sig: str, out: Path, data: Path, *argv: str) -> sub
                           cwd=ROOT, env=env())
 
 
+@pytest.mark.slow
 def test_a_mid_epoch_resume_with_another_seed_is_announced_and_not_called_exact(data, tmp_path):
     out = tmp_path / "run"
     assert stopped_after(4, "SIGTERM", out, data, "--epochs", "1").returncode == 143
     ckpt = out / "checkpoints" / "epoch-0001-step-0004"
     assert load_checkpoint(ckpt).state.mid_epoch.step == 4
-    proc = run_module("train", "--output-dir", out, "--resume", "auto", "--seed", "7")
+    proc = in_process("train", "--output-dir", out, "--resume", "auto", "--seed", "7")
     assert_ok(proc)
     assert "resuming with changed settings: seed 1 -> 7" in proc.stdout
     assert ("epoch-0001-step-0004 stopped in the middle of epoch 1, but the batches of this launch differ (seed 1 "
@@ -173,19 +174,21 @@ def test_a_mid_epoch_resume_with_another_seed_is_announced_and_not_called_exact(
     assert metrics(out)[0]["step"] == 7 and metrics(out)[0]["train_samples"] == 280  # the whole epoch, once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["loader", "resident"])
 def test_a_mid_epoch_resume_is_bit_identical_on_both_data_paths(data, tmp_path, path):
     whole, out = tmp_path / "whole", tmp_path / "out"
-    assert_ok(run_module("train", "--data-dir", data, "--output-dir", whole, *RECIPE, "--epochs", "2",
+    assert_ok(in_process("train", "--data-dir", data, "--output-dir", whole, *RECIPE, "--epochs", "2",
                          "--data-path", path))
     assert stopped_after(10, "SIGTERM", out, data, "--epochs", "2", "--data-path", path).returncode == 143
-    resumed = run_module("train", "--output-dir", out, "--resume", "auto")
+    resumed = in_process("train", "--output-dir", out, "--resume", "auto")
     assert_ok(resumed)
     assert "epoch-0002-step-0003" in resumed.stdout and "at step 3" in resumed.stdout
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     assert [m["train_loss"] for m in metrics(out)] == [m["train_loss"] for m in metrics(whole)]
 
 
+@pytest.mark.slow
 def test_checkpoint_every_n_steps_bounds_what_a_killed_process_loses(data, whole, tmp_path):
     out = tmp_path / "out"
     # SIGKILL right after step 12 (epoch 2, step 5), before its checkpoint: no handler runs, nothing is saved
@@ -194,7 +197,7 @@ def test_checkpoint_every_n_steps_bounds_what_a_killed_process_loses(data, whole
     assert killed.returncode == -signal.SIGKILL
     # every 3 optimizer steps of the run (3, 6 | 9): epoch 1's were superseded by its end
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002-step-0002"]
-    resumed = run_module("train", "--output-dir", out, "--resume", "auto")
+    resumed = in_process("train", "--output-dir", out, "--resume", "auto")
     assert_ok(resumed)
     assert "at step 2" in resumed.stdout
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
@@ -203,11 +206,16 @@ def test_checkpoint_every_n_steps_bounds_what_a_killed_process_loses(data, whole
 
 def test_checkpoint_every_minutes_is_checked_by_the_main_process_clock(data, tmp_path):
     out = tmp_path / "out"
-    proc = run_module("train", "--data-dir", data, "--output-dir", out, *RECIPE, "--epochs", "1",
+    proc = in_process("train", "--data-dir", data, "--output-dir", out, *RECIPE, "--epochs", "1",
                       "--checkpoint-every", "0.0001m")  # 6 ms: due at every step
     assert_ok(proc)
     assert "checkpoints: at each epoch's end and every 0.0001 minutes" in proc.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001"]  # the 6 mid-epoch ones superseded
-    for bad in ("0", "-3", "5h", "1e9m", "m", "nan m"):
-        one_line(run_module("train", "--data-dir", data, "--output-dir", out, "--checkpoint-every", bad), 2,
-                 "--checkpoint-every must be a number of optimizer steps (e.g. 500) or of minutes (e.g. 10m)")
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "5h", "1e9m", "m", "nan m"])
+def test_checkpoint_every_that_is_neither_steps_nor_minutes_is_refused(data, tmp_path, bad):
+    out = tmp_path / "out"
+    one_line(in_process("train", "--data-dir", data, "--output-dir", out, "--checkpoint-every", bad), 2,
+             "--checkpoint-every must be a number of optimizer steps (e.g. 500) or of minutes (e.g. 10m)")
+    assert not out.exists()

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_module, torchrun
 from PIL import Image
 from rich.console import Console as RichConsole
 
-from conftest import run_module, torchrun
 from distmnist.checkpoint import load_weights, save_weights
 from distmnist.data import load_mnist
 from distmnist.model import Net, to_input
@@ -127,7 +127,7 @@ def hand_counted_confusion(weights: Path, data_dir: Path) -> np.ndarray:
     with torch.no_grad():
         said = model(to_input(test.images)).argmax(dim=1).tolist()
     counts = np.zeros((10, 10), dtype=int)
-    for true, pred in zip(test.labels.tolist(), said):
+    for true, pred in zip(test.labels.tolist(), said, strict=True):
         counts[true, pred] += 1
     return counts
 

@@ -1,7 +1,9 @@
-"""Issue 8: one run, one owner, one truth. The output folder's rules (a run id, a lock, no mixing,
---overwrite), what a resume really does (the command line wins, recorded epoch by epoch), checkpoint
-order by what is recorded inside them, divergence, and the paths people try. Real `python -m
-distmnist.train` runs on synthetic data, asserting exit codes, messages and bytes on disk.
+"""One run, one owner, one truth. The output folder's rules (a run id, a lock, no mixing, --overwrite),
+what a resume really does (the command line wins, recorded epoch by epoch), checkpoint order by what is
+recorded inside them, divergence, and the paths people try. Real train, evaluate and predict commands on
+synthetic data, asserting exit codes, messages and bytes on disk: through the session's in-process driver
+(conftest.in_process), and in processes of their own where another process is the point (two runs at
+once, a lock held by another process).
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, env, in_process, write_mnist
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, env, run_module, write_mnist
-from distmnist.checkpoint import load_checkpoint, write_checkpoint
 from distmnist.catalogue import scan
+from distmnist.checkpoint import load_checkpoint, write_checkpoint
 
 RECIPE = ["--lr", "0.02", "--batch-size", "50", "--no-download", "--progress", "plain"]
 
 
-def train(data: Path, out: Path, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return run_module("train", "--data-dir", data, "--output-dir", out, *RECIPE, *extra)
+def train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return in_process("train", "--data-dir", data, "--output-dir", out, *RECIPE, *extra)
 
 
 def assert_ok(proc) -> None:
@@ -82,7 +84,7 @@ def copy(base: Path, to: Path) -> Path:
     return to
 
 
-# ---------------------------------------------------------------- item 1: one owner of the output folder
+# ---------------------------------------------------------------- one owner of the output folder
 
 
 def test_a_run_has_an_id_everywhere_and_files_have_normal_permissions(base):
@@ -115,6 +117,7 @@ def test_overwrite_deletes_the_old_run_and_starts_a_new_one(data, base, tmp_path
     assert (out / "notes.txt").read_text() == "mine"  # not a run file: left alone
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_on_one_folder(data, tmp_path):
     """One trains to the end; the other exits 2 within seconds, naming who holds the folder."""
     out = tmp_path / "run"
@@ -163,7 +166,7 @@ time.sleep(60)
     assert_ok(train(data, out, "--epochs", "2", "--resume", "auto"))  # the holder died: its lock went with it
 
 
-# ---------------------------------------------------------------- item 2: resume says what it does
+# ---------------------------------------------------------------- resume says what it does
 
 
 def test_resume_with_a_new_lr_really_applies_it_and_records_it(data, base, tmp_path):
@@ -207,7 +210,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_rewrites_nothing(data, base
     assert snapshot(out) == before
 
 
-# ---------------------------------------------------------------- item 1: order by what is recorded
+# ---------------------------------------------------------------- order by what is recorded
 
 
 def relabel(src: Path, dst: Path, epoch: int | None = None, run_id: str | None = None) -> Path:
@@ -263,7 +266,7 @@ def test_resuming_an_older_checkpoint_keeps_the_one_just_written(data, base, tmp
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-# ---------------------------------------------------------------- item 4: divergence stops the run
+# ---------------------------------------------------------------- divergence stops the run
 
 
 def test_divergence_exits_1_and_leaves_no_non_finite_file(data, base, tmp_path):
@@ -299,12 +302,12 @@ def test_evaluate_and_predict_refuse_non_finite_weights(base, data, tmp_path):
     weights["fc2.bias"][3] = math.nan
     bad = tmp_path / "model.safetensors"
     save_file(weights, str(bad))
-    evaluate = run_module("evaluate", "--checkpoint", bad, "--data-dir", data, "--no-download")
+    evaluate = in_process("evaluate", "--checkpoint", bad, "--data-dir", data, "--no-download")
     assert_one_line_error(evaluate, 2, str(bad), "not finite", "fc2.bias")
     digit = tmp_path / "digit.png"
     from PIL import Image
     Image.new("L", (40, 40), 255).save(digit)
-    predict = run_module("predict", "--checkpoint", bad, digit)
+    predict = in_process("predict", "--checkpoint", bad, digit)
     assert_one_line_error(predict, 2, str(bad), "not finite")
 
 
@@ -315,15 +318,15 @@ def test_every_json_written_is_strict(base):
         strict_json(line)
 
 
-# ---------------------------------------------------------------- item 6: paths people try
+# ---------------------------------------------------------------- paths people try
 
 
 def test_evaluate_and_predict_take_a_run_folder_and_its_data_dir(base, data, tmp_path):
     by_file = tmp_path / "by-file.json"
     by_run = tmp_path / "by-run.json"
-    assert_ok(run_module("evaluate", "--checkpoint", base / "model.safetensors", "--data-dir", data, "--no-download",
+    assert_ok(in_process("evaluate", "--checkpoint", base / "model.safetensors", "--data-dir", data, "--no-download",
                          "--output-json", by_file))
-    assert_ok(run_module("evaluate", "--checkpoint", base, "--output-json", by_run))  # --data-dir from the run
+    assert_ok(in_process("evaluate", "--checkpoint", base, "--output-json", by_run))  # --data-dir from the run
     a, b = json.loads(by_file.read_text()), json.loads(by_run.read_text())
     assert (a["test_correct"], a["test_loss"], a["test_samples"]) == (b["test_correct"], b["test_loss"], 120)
 
@@ -332,8 +335,8 @@ def test_evaluate_and_predict_take_a_run_folder_and_its_data_dir(base, data, tmp
     image = Image.new("L", (40, 40), 0)
     image.paste(255, (8, 18, 32, 22))
     image.save(digit)
-    by_file = run_module("predict", "--checkpoint", base / "model.safetensors", digit, "--json")
-    by_run = run_module("predict", "--checkpoint", base, digit, "--json")
+    by_file = in_process("predict", "--checkpoint", base / "model.safetensors", digit, "--json")
+    by_run = in_process("predict", "--checkpoint", base, digit, "--json")
     assert_ok(by_run)
     assert json.loads(by_file.stdout) == json.loads(by_run.stdout)
 

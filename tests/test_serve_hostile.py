@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+from test_predict import draw_seven
+from test_serve import serving, seven_png
 
 from distmnist import digits
 from distmnist.checkpoint import save_weights
 from distmnist.digits import read_digit
 from distmnist.model import Net
 from distmnist.serve.command import MAX_PIXELS
-from test_predict import draw_seven
-from test_serve import seven_png, serving
 
 pytest.importorskip("uvicorn", reason="needs the serve extra")
 
@@ -152,6 +152,7 @@ def answers_within(socks: list[socket.socket], seconds: float) -> dict[socket.so
     return closed
 
 
+@pytest.mark.slow
 def test_slow_clients_hold_no_slot_and_are_dropped(server):
     port, proc = server
     socks: list[socket.socket] = []
@@ -183,6 +184,7 @@ def test_slow_clients_hold_no_slot_and_are_dropped(server):
     assert post(port, seven_png())[0] == 200 and proc.poll() is None
 
 
+@pytest.mark.slow
 def test_connections_beyond_the_cap_get_503_until_slow_ones_are_dropped(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -295,6 +297,7 @@ def burst(port: int, body: bytes, count: int) -> tuple[list[tuple[int, dict[str,
     return answers, time.monotonic() - started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["two-frame GIF", "RGBA PNG"])
 def test_the_costliest_uploads_stay_within_the_memory_budget(server, kind):
     port, proc = server

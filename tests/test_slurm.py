@@ -1,4 +1,4 @@
-"""Issue 9, items 3 and 4: launch/slurm.sbatch under a real SLURM, a private one on this host
+"""launch/slurm.sbatch under a real SLURM, a private one on this host
 (tests/slurm_cluster.py). The job is stopped by the warning signal, by `scontrol requeue` and by a job
 of a higher-priority partition; it checkpoints, is requeued, resumes with --resume auto and ends with
 weights bit-identical to an uninterrupted run of the same world size. A finished job that is
@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, env, free_port, write_mnist
-from slurm_cluster import SlurmCluster, alive, require_slurm, slurm_cluster  # noqa: F401 (the fixture)
+from slurm_cluster import SlurmCluster, alive, require_slurm
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +30,20 @@ EPOCH_LINE = re.compile(rf"^(?:\d\d:\d\d:\d\d  )?epoch (\d+)/{EPOCHS}  ", re.M)
 def train_args(data: Path, out: Path) -> list[str]:
     return ["--data-dir", str(data), "--output-dir", str(out), "--epochs", str(EPOCHS), "--progress", "plain",
             "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running local SLURM with two nodes (n1, n2) on this host; stopped, by PID, after the module."""
+    require_slurm()
+    cluster = SlurmCluster(nodes=2)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        leftovers = cluster.stop()
+        if leftovers:
+            print("local SLURM: ended leftover processes:", *leftovers, sep="\n  ")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +91,7 @@ def runs(log: Path) -> dict[int, str]:
     text = log.read_text()
     heads = list(RUN_HEADER.finditer(text))
     return {int(h.group(2)): text[h.start(): nxt.start() if nxt else len(text)]
-            for h, nxt in zip(heads, heads[1:] + [None])}
+            for h, nxt in zip(heads, [*heads[1:], None], strict=True)}
 
 
 def epochs_trained(section: str) -> list[int]:

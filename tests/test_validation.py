@@ -1,6 +1,7 @@
-"""Issue 11, item 3: a validation split and an honest best model. --val-size holds out training images,
-the same on every rank; each epoch reports validation accuracy, the best epoch's weights are kept as
-best.safetensors, and --early-stop ends a run that stopped improving. Real runs on synthetic data.
+"""A validation split and an honest best model. --val-size holds out training images, the same on every
+rank; each epoch reports validation accuracy, the best epoch's weights are kept as best.safetensors, and
+--early-stop ends a run that stopped improving. Real runs on synthetic data (one process through the
+session's in-process driver, two under torchrun).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import in_process, torchrun, write_mnist
 from safetensors.torch import load_file
 
-from conftest import run_module, torchrun, write_mnist
 from distmnist.batches import split_validation
 from distmnist.data import Split
 
@@ -48,7 +49,7 @@ def test_the_split_is_disjoint_covering_and_a_function_of_the_seed():
 
 def test_a_run_reports_validation_and_keeps_the_best_epochs_weights(data, tmp_path):
     out = tmp_path / "run"
-    proc = run_module("train", "--data-dir", data, "--output-dir", out, *RECIPE, "--epochs", "3", "--val-size", "101")
+    proc = in_process("train", "--data-dir", data, "--output-dir", out, *RECIPE, "--epochs", "3", "--val-size", "101")
     assert_ok(proc)
     recs = records(out)
     assert [r["train_samples"] for r in recs] == [499] * 3 and [r["val_samples"] for r in recs] == [101] * 3
@@ -69,21 +70,21 @@ def test_early_stop_ends_a_run_that_stopped_improving_and_a_rerun_trains_nothing
     out = tmp_path / "run"
     args = ["--data-dir", data, "--output-dir", out, *RECIPE, *FROZEN, "--epochs", "8", "--val-size", "101",
             "--early-stop", "2"]
-    proc = run_module("train", *args)
+    proc = in_process("train", *args)
     assert_ok(proc)
     assert [r["epoch"] for r in records(out)] == [1, 2, 3]  # epoch 1 was the best; 2 and 3 were not better
     assert "early stop after epoch 3: no better validation accuracy for 2 epoch(s); the best was epoch 1" in proc.stdout
     assert json.loads((out / "run.json").read_text())["early_stopped"] is True
     assert (out / "model.safetensors").exists() and (out / "best.safetensors").exists()
-    again = run_module("train", *args, "--resume", "auto")
+    again = in_process("train", *args, "--resume", "auto")
     assert_ok(again)
     assert "already complete at epoch 3 (stopped early: no better validation accuracy), nothing trained" in again.stdout
 
 
 def test_early_stop_needs_a_validation_set(data, tmp_path):
-    proc = run_module("train", "--data-dir", data, "--output-dir", tmp_path / "run", "--early-stop", "2")
+    proc = in_process("train", "--data-dir", data, "--output-dir", tmp_path / "run", "--early-stop", "2")
     assert proc.returncode == 2 and "--early-stop needs a validation set" in proc.stderr
-    proc = run_module("train", "--data-dir", data, "--output-dir", tmp_path / "run", "--val-size", "600")
+    proc = in_process("train", "--data-dir", data, "--output-dir", tmp_path / "run", "--val-size", "600")
     assert proc.returncode == 2 and "--val-size 600 must be between 1 and 599" in proc.stderr
 
 
@@ -91,9 +92,9 @@ def test_patience_and_the_best_epoch_survive_a_resume(data, tmp_path):
     """Interrupted after epoch 2 and resumed: the same epochs, the same best and the same early stop."""
     common = ["--data-dir", data, *RECIPE, *FROZEN, "--val-size", "101", "--early-stop", "3"]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert_ok(run_module("train", *common, "--output-dir", whole, "--epochs", "9"))
-    assert_ok(run_module("train", *common, "--output-dir", split, "--epochs", "2"))
-    assert_ok(run_module("train", *common, "--output-dir", split, "--epochs", "9", "--resume", "auto"))
+    assert_ok(in_process("train", *common, "--output-dir", whole, "--epochs", "9"))
+    assert_ok(in_process("train", *common, "--output-dir", split, "--epochs", "2"))
+    assert_ok(in_process("train", *common, "--output-dir", split, "--epochs", "9", "--resume", "auto"))
     assert [r["epoch"] for r in records(whole)] == [r["epoch"] for r in records(split)] == [1, 2, 3, 4]
     a, b = (json.loads((o / "run.json").read_text()) for o in (whole, split))
     assert a["best"] == b["best"] and a["early_stopped"] is b["early_stopped"] is True
@@ -104,7 +105,7 @@ def test_patience_and_the_best_epoch_survive_a_resume(data, tmp_path):
 def test_two_ranks_count_every_validation_image_once(data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--data-dir", data, *RECIPE, "--epochs", "1", "--val-size", "101"]
-    assert_ok(run_module("train", *common, "--output-dir", one))
+    assert_ok(in_process("train", *common, "--output-dir", one))
     proc = torchrun(2, "train", *common, "--output-dir", two)
     assert_ok(proc)
     (r1,), (r2,) = records(one), records(two)

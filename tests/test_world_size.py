@@ -6,7 +6,6 @@ exact step; set-up is bounded and ends at once on a signal; an indivisible G is 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, run_module, torchrun
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
