@@ -173,7 +173,7 @@ def full_run(data_dir: Path, launcher: str, cpu: bool) -> dict:
 
 
 def stop_check_cost(data_dir: Path, cpu: bool, seed: int, epochs: int = 2, calls: int = 2000) -> dict:
-    """What agreeing on the stop flag costs (issue: under 1% of step time), on every rank of this launch.
+    """What agreeing on the stop flag costs against the step (the aim: under 1%), on every rank of this launch.
 
     Times the agreement itself (``StopRequests.agreed``: a Python read with one process, one all-reduce
     of one integer with several), the step, and whole epochs with and without the checks. The fraction

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import stop_process
 
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, distmnist_tracebacks, env, free_port, worker_exit, write_mnist
 
+from conftest import BIN, ROOT, distmnist_tracebacks, env, free_port, worker_exit, write_mnist
 from distmnist.checkpoint import verify
 
 pytestmark = pytest.mark.slow

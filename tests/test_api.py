@@ -19,11 +19,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, ROOT, env, free_port, in_process, run_module, write_mnist
 from PIL import Image
 from safetensors.torch import load_file
 
 import distmnist
+from conftest import BIN, ROOT, env, free_port, in_process, run_module, write_mnist
 from distmnist import evaluation, prediction, training
 from distmnist.data import load_mnist
 

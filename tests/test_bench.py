@@ -8,8 +8,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_module, write_mnist
 
+from conftest import run_module, write_mnist
 from distmnist.signals import CHECK_EVERY
 
 pytestmark = pytest.mark.slow  # every row, the full run and the stop check run in processes of their own

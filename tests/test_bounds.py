@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from distmnist.config import (LAUNCH_FIELDS, MACHINE_FIELDS, Interval, Request, TrainConfig, checkpoint_interval,
-                              config_from, parse_config, parse_request)
+from distmnist.config import (
+    LAUNCH_FIELDS,
+    MACHINE_FIELDS,
+    Interval,
+    Request,
+    TrainConfig,
+    checkpoint_interval,
+    config_from,
+    parse_config,
+    parse_request,
+)
 from distmnist.errors import DistmnistError
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import checkpoint_state, metrics_record
 from safetensors.torch import load_file, save_file
 
+from conftest import checkpoint_state, metrics_record
 from distmnist.catalogue import checkpoint_name, newest_valid, scan
 from distmnist.checkpoint import load_checkpoint, load_weights, save_weights, unflatten_optimizer, write_checkpoint
 from distmnist.errors import DistmnistError

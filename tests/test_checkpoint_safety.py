@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, checkpoint_state, env, run_in_process, run_module, write_mnist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from conftest import ROOT, checkpoint_state, env, run_in_process, run_module, write_mnist
 from distmnist.catalogue import scan
 from distmnist.checkpoint import load_checkpoint, load_weights, read_tensors, sha256, verify, write_checkpoint
 from distmnist.errors import DistmnistError

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from distmnist.config import TrainConfig, parse_config
 from distmnist.errors import EXIT_USAGE, DistmnistError
 

@@ -14,6 +14,7 @@ from itertools import pairwise
 
 import pytest
 import torch
+
 from conftest import ROOT
 
 # training runs on the real data set, on a GPU

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import idx_bytes, write_mnist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import idx_bytes, write_mnist
 from distmnist.batches import LoaderBatches, ResidentBatches, TrainOrder, eval_batches, eval_shard, train_batches
 from distmnist.data import FILES, Split, load_mnist, read_idx, read_split
 from distmnist.errors import DistmnistError

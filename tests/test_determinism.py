@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, env, torchrun, write_mnist
 from safetensors.torch import load_file
 
+from conftest import ROOT, env, torchrun, write_mnist
 from distmnist.data import load_mnist
 from distmnist.model import Net, to_input
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, env, idx_bytes, run_in_process, write_mnist
 from PIL import Image
 
+from conftest import ROOT, env, idx_bytes, run_in_process, write_mnist
 from distmnist.checkpoint import save_weights
 from distmnist.data import read_idx
 from distmnist.errors import DistmnistError

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, distmnist_tracebacks, env, free_port, torchrun, write_mnist
 from safetensors.torch import load_file
+
+from conftest import BIN, ROOT, distmnist_tracebacks, env, free_port, torchrun, write_mnist
 
 pytestmark = pytest.mark.slow
 

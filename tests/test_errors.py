@@ -11,8 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import in_process, run_in_process, write_mnist
 
+from conftest import in_process, run_in_process, write_mnist
 from distmnist.checkpoint import load_checkpoint, sha256, unflatten_optimizer, write_checkpoint
 
 BILLION_LAUGHS = textwrap.dedent(

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from conftest import BIN, ROOT, env, free_port, worker_exit, write_mnist
 
 pytestmark = pytest.mark.slow

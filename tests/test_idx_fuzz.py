@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import idx_bytes, in_process, write_mnist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import idx_bytes, in_process, write_mnist
 from distmnist.data import load_mnist, read_idx, read_split
 from distmnist.errors import DistmnistError
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import (
     BIN,
     ROOT,
@@ -30,7 +31,6 @@ from conftest import (
     run_in_process,
     write_mnist,
 )
-
 from distmnist.checkpoint import load_checkpoint, unflatten_optimizer, write_checkpoint
 from distmnist.errors import DistmnistError
 

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import BIN, ROOT, env, free_port, write_mnist
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, accelerate_launch, env, run_module, torchrun, write_mnist
 from safetensors.torch import load_file
+
+from conftest import ROOT, accelerate_launch, env, run_module, torchrun, write_mnist
 
 pytestmark = pytest.mark.slow
 

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, env, write_mnist
 from safetensors.torch import save_file
 
+from conftest import ROOT, env, write_mnist
 from distmnist.data import FILES
 from distmnist.model import Net
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import in_process, write_mnist
 from PIL import Image
 
+from conftest import in_process, write_mnist
 from distmnist.errors import DistmnistError
 from distmnist.plot import main as plot_main
 from distmnist.plot import read_metrics, require_matplotlib

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import in_process
 from PIL import Image, ImageDraw
 
+from conftest import in_process
 from distmnist.checkpoint import save_weights
 from distmnist.data import load_mnist
 from distmnist.digits import MAX_PIXELS, ImageTooLarge, mnist_digit, read_digit

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_module
 from safetensors.torch import load_file
 
+from conftest import run_module
 from distmnist.model import Net
 
 pytestmark = pytest.mark.slow

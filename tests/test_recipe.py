@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, in_process, run_in_process, torchrun, write_mnist
 
+from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, in_process, run_in_process, torchrun, write_mnist
 from distmnist.checkpoint import load_checkpoint
 
 # not the defaults: a bare resume that fell back to them would train another recipe
@@ -74,6 +74,13 @@ def test_a_bare_resume_continues_the_recorded_recipe_bit_identically(data, whole
     assert (config["lr"], config["batch_size"], config["limit_train"], config["epochs"]) == (0.05, 40, 280, 2)
     state = load_checkpoint(out / "checkpoints" / "epoch-0002").state
     assert [h["from_epoch"] for h in state.config_history] == [1, 2]  # the override is in the history
+    # the summary's parts are this launch's (epoch 2); the run's training over both launches is shown apart
+    seconds = json.loads((out / "run.json").read_text())["seconds"]
+    assert seconds["train"] == pytest.approx(metrics(out)[1]["train_seconds"])
+    assert seconds["run_train"] == pytest.approx(sum(m["train_seconds"] for m in metrics(out)))
+    parts = seconds["setup"] + seconds["train"] + seconds["eval"] + seconds["checkpoint"]
+    assert parts <= seconds["main"] + 1e-6
+    assert "run total: training" in resumed.stdout and "over every launch of the run (epochs 1-2)" in resumed.stdout
 
 
 @pytest.mark.slow

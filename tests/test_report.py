@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_module, torchrun
 from PIL import Image
 from rich.console import Console as RichConsole
 
+from conftest import run_module, torchrun
 from distmnist.checkpoint import load_weights, save_weights
 from distmnist.data import load_mnist
 from distmnist.model import Net, to_input

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, env, in_process, write_mnist
 from safetensors.torch import load_file, save_file
 
+from conftest import ROOT, env, in_process, write_mnist
 from distmnist.catalogue import scan
 from distmnist.checkpoint import load_checkpoint, write_checkpoint
 

@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, checkpoint_state, env, stop_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from test_predict import draw_seven, png_bomb
 
+from conftest import ROOT, checkpoint_state, env, stop_process
 from distmnist.catalogue import checkpoint_name
 from distmnist.checkpoint import save_weights, write_checkpoint
 from distmnist.data import load_mnist

@@ -21,9 +21,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from conftest import BIN, ROOT, distmnist_tracebacks, env, free_port, in_process, worker_exit, write_mnist
 from conftest import STOP_DRIVER as DRIVER
-
 from distmnist.checkpoint import load_checkpoint, verify
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, env, free_port, write_mnist
 from slurm_cluster import SlurmCluster, alive, require_slurm
+
+from conftest import BIN, ROOT, env, free_port, write_mnist
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, checkpoint_state, idx_bytes, in_process, run_in_process, run_module, write_mnist
 from safetensors.torch import load_file
 
+from conftest import ROOT, checkpoint_state, idx_bytes, in_process, run_in_process, run_module, write_mnist
 from distmnist.checkpoint import write_checkpoint
 from distmnist.data import load_mnist
 from distmnist.model import Net, to_input

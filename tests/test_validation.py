@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import in_process, torchrun, write_mnist
 from safetensors.torch import load_file
 
+from conftest import in_process, torchrun, write_mnist
 from distmnist.batches import split_validation
 from distmnist.data import Split
 

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, run_module, torchrun
 from safetensors.torch import load_file
+
+from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, run_module, torchrun
 
 pytestmark = pytest.mark.slow
 
