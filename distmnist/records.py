@@ -21,6 +21,7 @@ import torch
 
 from . import __version__
 from .checkpoint import nonfinite, save_weights, write_checkpoint
+from .config import Interval
 from .distributed import disagreeing_ranks, gather_rng, on_main, tensors_digest
 from .errors import RunFailed
 from .rundir import RunFolder, Start, prune, prune_superseded
@@ -218,3 +219,40 @@ class Recorder:
             raise RunFailed(f"replicas drifted apart {when}: the weights or optimizer state of {names} differ from "
                             "rank 0's; nothing was saved", silent=not accelerator.is_main_process)
         return weights, optimizer
+
+
+class MidEpochCheckpoints:
+    """--checkpoint-every: when a mid-epoch checkpoint is due, and writing it (engine.Checkpoints).
+
+    A step count is due on every rank alike (the global step is the same everywhere); minutes are
+    measured by the main process's clock, and the ranks agree on them with the stop requests."""
+
+    def __init__(self, interval: Interval, recorder: Recorder, engine: Any, steps: int):
+        self.interval, self.recorder, self.engine, self.steps = interval, recorder, engine, steps
+        self.last = time.monotonic()
+        self.epoch = 0
+        self.progress: Progress | None = None  # set by begin_epoch, before the epoch's first step
+
+    def begin_epoch(self, epoch: int, progress: Progress) -> None:
+        self.epoch, self.progress = epoch, progress
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+    def step_due(self, epoch_step: int) -> bool:
+        every = self.interval.steps
+        if not every:  # a time interval
+            return False
+        assert self.progress is not None, "begin_epoch() first"
+        return (self.progress.epoch_start + epoch_step) % every == 0
+
+    def time_due(self) -> bool:
+        return (self.interval.seconds is not None and self.recorder.accelerator.is_main_process
+                and time.monotonic() - self.last >= self.interval.seconds)
+
+    def save(self, epoch_step: int, train_seconds: float) -> None:
+        assert self.progress is not None, "begin_epoch() first"
+        self.recorder.save_position(Position(self.epoch, epoch_step, self.steps, train_seconds, self.engine.loss_sum,
+                                             self.engine.samples), self.progress)
+        self.saved()
+

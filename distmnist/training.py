@@ -34,7 +34,7 @@ from . import tracking
 from .batches import TrainOrder, eval_batches, split_validation, train_batches
 from .catalogue import RUN_FILES
 from .checkpoint import save_weights
-from .config import Interval, Request, TrainConfig, checkpoint_interval, parse_request
+from .config import Request, TrainConfig, checkpoint_interval, parse_request
 from .console import Console, Outputs, resolve_mode
 from .data import Split, load_data
 from .distributed import (
@@ -52,7 +52,7 @@ from .engine import Carry, Engine, make_sgd, tune_for_device
 from .errors import DistmnistError, RunStopped, cli, signal_name
 from .masks import GlobalDropout
 from .model import Net, layer_summary, parameter_count
-from .records import Components, Position, Progress, Recorder, versions
+from .records import Components, MidEpochCheckpoints, Position, Progress, Recorder, versions
 from .resume import load_training_state, restore_dropout, resume_point
 from .rundir import RunFolder, Start
 from .schedule import LRSchedule, ScheduleSpec
@@ -89,7 +89,7 @@ class Run:
     val_batches: list | None  # --val-size: this rank's share of the held-out training images
     carry: Carry | None  # an epoch interrupted in its middle, resumed at its exact step
     recorder: Recorder  # what the run writes as it goes (every rank calls, the main process writes)
-    periodic: Periodic | None = None  # --checkpoint-every
+    periodic: MidEpochCheckpoints | None = None  # --checkpoint-every
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
 
     @property
@@ -336,46 +336,12 @@ def assemble(cfg, accelerator, console, folder, start, data: Data, model, optimi
               recorder=recorder)
     interval = checkpoint_interval(cfg.checkpoint_every)
     if interval is not None:
-        run.periodic = Periodic(interval, run)
+        run.periodic = MidEpochCheckpoints(interval, recorder, engine, len(batches))
         engine.checkpoints = run.periodic
     return run
 
 
 # ---------------------------------------------------------------- the loop
-
-
-class Periodic:
-    """--checkpoint-every: when a mid-epoch checkpoint is due, and writing it (engine.Checkpoints)."""
-
-    def __init__(self, interval: Interval, run: Run):
-        self.interval, self.run = interval, run
-        self.last = time.monotonic()
-        self.epoch = 0
-        self.progress: Progress | None = None  # set by begin_epoch, before the epoch's first step
-
-    def begin_epoch(self, epoch: int, progress: Progress) -> None:
-        self.epoch, self.progress = epoch, progress
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-
-    def step_due(self, epoch_step: int) -> bool:
-        every = self.interval.steps
-        if not every:  # a time interval
-            return False
-        assert self.progress is not None, "begin_epoch() first"
-        return (self.progress.epoch_start + epoch_step) % every == 0
-
-    def time_due(self) -> bool:
-        return (self.interval.seconds is not None and self.run.accelerator.is_main_process
-                and time.monotonic() - self.last >= self.interval.seconds)
-
-    def save(self, epoch_step: int, train_seconds: float) -> None:
-        assert self.progress is not None, "begin_epoch() first"
-        engine = self.run.engine
-        self.run.recorder.save_position(Position(self.epoch, epoch_step, len(self.run.batches), train_seconds,
-                                                 engine.loss_sum, engine.samples), self.progress)
-        self.saved()
 
 
 def improves(record: dict[str, Any], best: dict[str, Any] | None) -> bool:
