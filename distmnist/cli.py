@@ -17,6 +17,7 @@ import sys
 
 from . import __version__
 from .args import did_you_mean
+from .errors import import_command
 
 COMMANDS = {
     "train": "train the CNN (same flags as python -m distmnist.train)",
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distmnist: error: unknown command {argv[0]!r}{hint} (commands: {', '.join(COMMANDS)})",
               file=sys.stderr)
         return 2
-    module = importlib.import_module(MODULES.get(argv[0], f"distmnist.{argv[0]}"))
+    name = MODULES.get(argv[0], f"distmnist.{argv[0]}")
+    module = import_command(name) if own_process else importlib.import_module(name)
     return module.main(argv[1:], own_process=own_process)
 
 

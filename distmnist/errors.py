@@ -14,13 +14,14 @@ from __future__ import annotations
 import atexit
 import functools
 import gc
+import importlib
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any, NoReturn, TypeAlias
 
 from . import stdio
@@ -194,6 +195,18 @@ def exit_process(code: int) -> NoReturn:
     atexit._run_exitfuncs()
     stdio.flush()
     os._exit(code)
+
+
+def import_command(name: str) -> ModuleType:
+    """Import a command's module for a process of its own (``distmnist CMD``, ``python -m distmnist.CMD``).
+    Its imports (torch's) take seconds, before the command's boundary (``cli``) is up: a Ctrl-C then ends
+    the process with the interrupt's line and exit 130, as it does later, instead of Python's traceback."""
+    try:
+        return importlib.import_module(name)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot cut the line short
+        stdio.say("distmnist: interrupted")
+        exit_process(EXIT_INTERRUPTED)
 
 
 def cli(main: Callable[[Sequence[str] | None], int | None]) -> Callable[..., int]:

@@ -4,7 +4,9 @@ This module only starts the command. ``distmnist.evaluate(...)`` is the Python A
 (distmnist.api.evaluate); import the command's code as ``distmnist.evaluation``.
 """
 
-from distmnist.evaluation import main
+if __name__ == "__main__":  # a Ctrl-C during the imports ends with one line (errors.import_command)
+    from distmnist.errors import import_command
 
-if __name__ == "__main__":
-    main()
+    import_command("distmnist.evaluation").main()
+else:
+    from distmnist.evaluation import main  # noqa: F401  # the command's entry, for whoever imports this module

@@ -28,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, env, idx_bytes, run_in_process, write_mnist
+from conftest import BIN, ROOT, env, idx_bytes, run_in_process, write_mnist
 from distmnist.checkpoint import save_weights
 from distmnist.data import read_idx
 from distmnist.errors import DistmnistError
@@ -359,6 +359,42 @@ def assert_complete(out: Path, epochs: int) -> None:
     assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
     assert (out / "model.safetensors").stat().st_size > 0
     assert json.loads((out / "run.json").read_text())["epochs_run"] == epochs
+
+
+# Imported first by every Python started with it on its path: blocks the import of distmnist.training (the
+# heavy one: torch) after writing a marker, so that a Ctrl-C lands during the imports, before main() runs.
+SLOW_IMPORT = """
+import importlib.abc, os, sys, time
+
+class Slow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "distmnist.training":
+            open(os.environ["IMPORT_MARKER"], "w").close()
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, Slow())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["-m", "distmnist.train"], ["-m", "distmnist", "train"], ["distmnist", "train"]],
+                         ids=["python-m-distmnist.train", "python-m-distmnist", "distmnist-script"])
+def test_a_ctrl_c_during_the_imports_ends_with_one_line_and_exit_130(tmp_path, command):
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SLOW_IMPORT)
+    marker = tmp_path / "importing"
+    argv = [str(BIN / command[0]), *command[1:]] if command[0] == "distmnist" else [sys.executable, *command]
+    proc = subprocess.Popen([*argv, "--data-dir", str(tmp_path / "none"), "--no-download"], cwd=ROOT,
+                            env=env(PYTHONPATH=str(tmp_path / "hook"), IMPORT_MARKER=str(marker)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + DEADLINE_S
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = finish(proc)
+    assert (proc.returncode, err) == (130, "distmnist: interrupted\n")
 
 
 @pytest.mark.slow

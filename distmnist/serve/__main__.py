@@ -1,5 +1,5 @@
 """python -m distmnist.serve RUN_DIR: the same as ``distmnist serve RUN_DIR``."""
 
-from .command import main
+from distmnist.errors import import_command
 
-main()
+import_command("distmnist.serve.command").main()
