@@ -143,6 +143,7 @@ class Engine:
         self.epoch_step = torch.zeros(1, dtype=torch.long, device=self.device)
         self.dropout = dropout
         self.step_images: int | None = None  # a global batch: images in this step's global batch
+        self.graph_step_images: int | None = None  # step_images when the graph was captured (baked into it)
         self.checkpoints: Checkpoints | None = None  # set by the caller: --checkpoint-every
 
     # ------------------------------------------------------------ the step
@@ -173,6 +174,7 @@ class Engine:
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> torch.cuda.CUDAGraph:
         """Record one step with static buffers; nothing runs until the first replay."""
         self.static_images, self.static_labels = images.clone(), labels.clone()
+        self.graph_step_images = self.step_images  # the loss scale N / step_images is a constant of the graph
         self.graph = graph = torch.cuda.CUDAGraph()
         if self.dropout is not None:  # each replay advances the mask generator as an eager step would
             graph.register_generator_state(self.dropout.generator)
@@ -183,7 +185,10 @@ class Engine:
 
     def _graph_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """One training step on the CUDA-graph path; returns seconds spent capturing (0 mostly)."""
-        if self.graph is not None and images.shape == self.static_images.shape:
+        # a short last global batch can leave this rank's share at the captured shape (98 images on 4
+        # ranks: 25, 25, 24, 24): its loss scale differs from the graph's, so it runs eagerly too
+        if (self.graph is not None and images.shape == self.static_images.shape
+                and self.step_images == self.graph_step_images):
             self.static_images.copy_(images)
             self.static_labels.copy_(labels)
             self.graph.replay()
