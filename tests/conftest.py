@@ -163,6 +163,22 @@ def accelerate_launch(nproc: int, module: str, *args: str, timeout: float = 300,
                           env=env(ACCELERATE_USE_CPU="1"), **kw)
 
 
+def assert_ok(proc) -> None:
+    """The command ended with exit 0 (the failure shows its output)."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+
+
+def one_line(proc, code: int, *needles: str) -> str:
+    """Exit `code`, exactly one line on stderr holding every needle, no traceback anywhere; returns the line."""
+    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
 def distmnist_tracebacks(text: str) -> list[str]:
     """Tracebacks out of distmnist's own code in a launcher's output. (torchrun and accelerate launch
     report a worker's non-zero exit, and a signal to themselves, with a traceback of their own: not ours.)"""

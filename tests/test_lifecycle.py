@@ -28,6 +28,7 @@ from conftest import (
     env,
     free_port,
     in_process,
+    one_line,
     run_in_process,
     write_mnist,
 )
@@ -36,16 +37,6 @@ from distmnist.errors import DistmnistError
 
 V1 = ROOT / "tests" / "data" / "v1-checkpoint-epoch-0002-step-0003"  # written by distmnist 0.1 (format 1)
 V1_RECIPE = ["--epochs", "3", "--batch-size", "50", "--lr", "0.05", "--progress", "plain", "--no-download"]
-
-
-def one_line(proc, code: int, *needles: str) -> str:
-    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

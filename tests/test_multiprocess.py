@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate_launch, env, run_module, torchrun, write_mnist
+from conftest import ROOT, accelerate_launch, assert_ok, env, run_module, torchrun, write_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +28,6 @@ LAUNCHERS = {"torchrun": torchrun, "accelerate": accelerate_launch}
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

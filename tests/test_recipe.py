@@ -17,26 +17,24 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, in_process, run_in_process, torchrun, write_mnist
+from conftest import (
+    BIN,
+    ROOT,
+    STOP_DRIVER,
+    assert_ok,
+    env,
+    free_port,
+    in_process,
+    one_line,
+    run_in_process,
+    torchrun,
+    write_mnist,
+)
 from distmnist.checkpoint import load_checkpoint
 
 # not the defaults: a bare resume that fell back to them would train another recipe
 RECIPE = ["--lr", "0.05", "--batch-size", "40", "--limit-train", "280", "--momentum", "0.8", "--no-download",
           "--progress", "plain"]
-
-
-def assert_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-
-
-def one_line(proc, code: int, *needles: str) -> str:
-    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def files(folder: Path) -> dict[str, bytes]:

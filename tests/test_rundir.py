@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, env, in_process, write_mnist
+from conftest import ROOT, assert_ok, env, in_process, one_line, write_mnist
 from distmnist.catalogue import scan
 from distmnist.checkpoint import load_checkpoint, write_checkpoint
 
@@ -29,21 +29,6 @@ RECIPE = ["--lr", "0.02", "--batch-size", "50", "--no-download", "--progress", "
 
 def train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return in_process("train", "--data-dir", data, "--output-dir", out, *RECIPE, *extra)
-
-
-def assert_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-
-
-def assert_one_line_error(proc, code: int, *needles: str) -> str:
-    """Exit `code`, exactly one line on stderr, no traceback; returns the line."""
-    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -101,7 +86,7 @@ def test_a_fresh_run_into_an_occupied_folder_exits_2_and_changes_nothing(data, b
     out = copy(base, tmp_path / "run")
     before = snapshot(out)
     proc = train(data, out, "--epochs", "1")
-    assert_one_line_error(proc, 2, str(out), run_id(base), "--resume auto", "--output-dir", "--overwrite")
+    one_line(proc, 2, str(out), run_id(base), "--resume auto", "--output-dir", "--overwrite")
     assert snapshot(out) == before  # byte for byte, the lock file included
 
 
@@ -159,7 +144,7 @@ time.sleep(60)
     try:
         assert holder.stdout.readline().strip() == "locked"
         held = train(data, out, "--epochs", "2", "--resume", "auto")
-        assert_one_line_error(held, 2, "in use by another run")
+        one_line(held, 2, "in use by another run")
     finally:
         holder.kill()
         holder.wait()
@@ -197,7 +182,7 @@ def test_resume_with_a_new_lr_really_applies_it_and_records_it(data, base, tmp_p
 def test_epochs_below_the_checkpoint_exits_2(data, base, tmp_path):
     out = copy(base, tmp_path / "run")
     assert_ok(train(data, out, "--epochs", "2", "--resume", "auto"))
-    assert_one_line_error(train(data, out, "--epochs", "1", "--resume", "auto"), 2, "--epochs 1", "at least 2")
+    one_line(train(data, out, "--epochs", "1", "--resume", "auto"), 2, "--epochs 1", "at least 2")
 
 
 def test_rerunning_a_finished_run_trains_nothing_and_rewrites_nothing(data, base, tmp_path):
@@ -272,12 +257,12 @@ def test_resuming_an_older_checkpoint_keeps_the_one_just_written(data, base, tmp
 def test_divergence_exits_1_and_leaves_no_non_finite_file(data, base, tmp_path):
     fresh = tmp_path / "fresh"
     proc = train(data, fresh, "--epochs", "2", "--lr", "1e6")
-    line = assert_one_line_error(proc, 1, "training diverged", "epoch 1", "no checkpoint was written")
+    line = one_line(proc, 1, "training diverged", "epoch 1", "no checkpoint was written")
     assert not (fresh / "model.safetensors").exists() and not list(fresh.rglob("*.safetensors"))
 
     resumed = copy(base, tmp_path / "resumed")
     proc = train(data, resumed, "--epochs", "3", "--resume", "auto", "--lr", "1e6")
-    assert_one_line_error(proc, 1, "training diverged", "epoch 2",
+    one_line(proc, 1, "training diverged", "epoch 2",
                           f"newest finite checkpoint: {resumed / 'checkpoints' / 'epoch-0001'}")
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["epoch-0001"]
     for folder in (fresh, resumed):
@@ -293,7 +278,7 @@ def test_divergence_exits_1_and_leaves_no_non_finite_file(data, base, tmp_path):
 
 @pytest.mark.parametrize("lr", ["inf", "nan", "-1", "0"])
 def test_lr_must_be_finite_and_positive(data, tmp_path, lr):
-    assert_one_line_error(train(data, tmp_path / "out", "--lr", lr), 2, "--lr must be a finite number > 0")
+    one_line(train(data, tmp_path / "out", "--lr", lr), 2, "--lr must be a finite number > 0")
     assert not (tmp_path / "out").exists()
 
 
@@ -303,12 +288,12 @@ def test_evaluate_and_predict_refuse_non_finite_weights(base, data, tmp_path):
     bad = tmp_path / "model.safetensors"
     save_file(weights, str(bad))
     evaluate = in_process("evaluate", "--checkpoint", bad, "--data-dir", data, "--no-download")
-    assert_one_line_error(evaluate, 2, str(bad), "not finite", "fc2.bias")
+    one_line(evaluate, 2, str(bad), "not finite", "fc2.bias")
     digit = tmp_path / "digit.png"
     from PIL import Image
     Image.new("L", (40, 40), 255).save(digit)
     predict = in_process("predict", "--checkpoint", bad, digit)
-    assert_one_line_error(predict, 2, str(bad), "not finite")
+    one_line(predict, 2, str(bad), "not finite")
 
 
 def test_every_json_written_is_strict(base):
@@ -348,7 +333,7 @@ def test_resume_takes_a_run_folder_and_explains_a_weights_file(data, base, tmp_p
     assert f"resumed from {base / 'checkpoints' / 'epoch-0001'}" in proc.stdout
     assert run_id(out) == run_id(base)  # the same run, continued in another folder
     weights = base / "model.safetensors"
-    assert_one_line_error(train(data, tmp_path / "other", "--epochs", "2", "--resume", str(weights)), 2,
+    one_line(train(data, tmp_path / "other", "--epochs", "2", "--resume", str(weights)), 2,
                           str(weights), "expects a checkpoint folder", "no optimizer or RNG state")
 
 
@@ -356,4 +341,4 @@ def test_resume_into_a_folder_of_another_run_is_refused(data, base, tmp_path):
     other = tmp_path / "other"
     assert_ok(train(data, other, "--epochs", "1"))
     proc = train(data, other, "--epochs", "2", "--resume", str(base / "checkpoints" / "epoch-0001"))
-    assert_one_line_error(proc, 2, f"belongs to run {run_id(base)}", f"holds run {run_id(other)}", "--overwrite")
+    one_line(proc, 2, f"belongs to run {run_id(base)}", f"holds run {run_id(other)}", "--overwrite")

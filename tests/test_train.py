@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT, checkpoint_state, idx_bytes, in_process, run_in_process, run_module, write_mnist
+from conftest import ROOT, assert_ok, checkpoint_state, idx_bytes, in_process, run_in_process, run_module, write_mnist
 from distmnist.checkpoint import write_checkpoint
 from distmnist.data import load_mnist
 from distmnist.model import Net, to_input
@@ -40,10 +40,6 @@ def train_here(data: Path, out: Path, *extra: str):
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
 
 def assert_usage_error(proc, *needles: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import in_process, torchrun, write_mnist
+from conftest import assert_ok, in_process, torchrun, write_mnist
 from distmnist.batches import split_validation
 from distmnist.data import Split
 
@@ -23,10 +23,6 @@ FROZEN = ["--lr", "1e-30", "--momentum", "0"]  # updates underflow: the weights,
 
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
 
 @pytest.fixture(scope="module")

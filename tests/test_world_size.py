@@ -15,17 +15,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import BIN, ROOT, STOP_DRIVER, env, free_port, run_module, torchrun
+from conftest import BIN, ROOT, STOP_DRIVER, assert_ok, env, free_port, run_module, torchrun
 
 pytestmark = pytest.mark.slow
 
 RECIPE = ["--limit-train", "4000", "--limit-test", "1000", "--global-batch-size", "100", "--progress", "plain",
           "--no-download"]  # 40 steps per epoch
 TOLERANCE = 1e-4  # float tolerance across world sizes (the reduction order differs); bit-identity within one
-
-
-def assert_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
 
 
 def launch(nproc: int, *argv) -> subprocess.CompletedProcess:
